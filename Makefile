@@ -1,0 +1,22 @@
+# Quickstart: `make demo` (train + evaluate on the embedded synthetic data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole suite on 8 CPU-emulated devices (tests/conftest.py sets the XLA flag before JAX loads).
+test: $(STAMP)
+	$(PY) -m pytest tests -q --durations=15
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Data layer: metadata, leakage check, folds, TFRecords, synthetic lesions, tf.data pipeline."""

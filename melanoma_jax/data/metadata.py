@@ -1,0 +1,87 @@
+"""Load and validate the SIIM-ISIC metadata CSVs; check train/test patient leakage.
+
+Missing values (sex, age_approx, site) stay missing (NaN): what to do with them is the model's choice.
+"""
+import os
+import pathlib
+
+import numpy as np
+import pandas as pd
+
+from melanoma_jax.utils.errors import InputError
+
+EMBEDDED_DIR = pathlib.Path(__file__).resolve().parent / "siim_isic_2020"
+EMBEDDED_TRAIN_CSV = EMBEDDED_DIR / "train.csv"
+EMBEDDED_TEST_CSV = EMBEDDED_DIR / "test.csv"
+
+BASE_COLUMNS = ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge")
+TRAIN_COLUMNS = BASE_COLUMNS + ("target",)
+OPTIONAL_TRAIN_COLUMNS = ("diagnosis", "benign_malignant")
+_STRING_COLUMNS = ("image_name", "patient_id", "sex", "anatom_site_general_challenge",
+                   "diagnosis", "benign_malignant")
+
+
+def load_metadata(path, split="train"):
+  """Reads train.csv (split='train', needs `target`) or test.csv (split='test') and validates it.
+
+  Raises InputError naming the file and the column for: a missing file, missing columns, an empty
+  table, empty or duplicate image names, missing patient ids, non-numeric ages, targets not 0/1.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: metadata file not found")
+  try:
+    df = pd.read_csv(path, dtype={c: "string" for c in _STRING_COLUMNS})
+  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+  required = TRAIN_COLUMNS if split == "train" else BASE_COLUMNS
+  missing = [c for c in required if c not in df.columns]
+  if missing:
+    raise InputError(f"{path}: missing required column(s) {', '.join(missing)} "
+                     f"(has {', '.join(map(str, df.columns))})")
+  if df.empty:
+    raise InputError(f"{path}: no rows")
+  for column in ("image_name", "patient_id"):
+    empty = df[column].isna() | (df[column].str.strip() == "")
+    if empty.any():
+      raise InputError(f"{path}: column {column} is empty in {int(empty.sum())} row(s), "
+                       f"first at line {int(np.argmax(empty.to_numpy())) + 2}")
+  duplicated = df["image_name"].duplicated()
+  if duplicated.any():
+    first = df.loc[duplicated, "image_name"].iloc[0]
+    raise InputError(f"{path}: column image_name has {int(duplicated.sum())} duplicate(s), e.g. {first}")
+  age = pd.to_numeric(df["age_approx"], errors="coerce")
+  bad_age = age.isna() & df["age_approx"].notna()
+  if bad_age.any():
+    raise InputError(f"{path}: column age_approx has non-numeric value "
+                     f"{df.loc[bad_age, 'age_approx'].iloc[0]!r}")
+  df["age_approx"] = age.astype("float64")
+  if "target" in df.columns:
+    target = pd.to_numeric(df["target"], errors="coerce")
+    bad = ~target.isin([0, 1])
+    if bad.any():
+      raise InputError(f"{path}: column target must be 0 or 1, found {df.loc[bad, 'target'].iloc[0]!r} "
+                       f"in {int(bad.sum())} row(s)")
+    df["target"] = target.astype("int64")
+  for column in ("sex", "anatom_site_general_challenge", "diagnosis", "benign_malignant"):
+    if column in df.columns:
+      df[column] = df[column].astype(object).where(df[column].notna(), np.nan)
+  for column in ("image_name", "patient_id"):
+    df[column] = df[column].astype(str)
+  df.attrs["path"] = path
+  return df
+
+
+def check_leakage(train_df, test_df, max_listed=5):
+  """Raises InputError when any patient_id is in both tables; returns a one-line report otherwise."""
+  shared = sorted(set(train_df["patient_id"]) & set(test_df["patient_id"]))
+  train_path = train_df.attrs.get("path", "train")
+  test_path = test_df.attrs.get("path", "test")
+  if shared:
+    raise InputError(
+        f"{train_path} and {test_path}: {len(shared)} patient_id(s) in both train and test "
+        f"(data leakage), e.g. {', '.join(shared[:max_listed])}")
+  return (f"leakage check passed: {train_df['patient_id'].nunique()} train patients and "
+          f"{test_df['patient_id'].nunique()} test patients, none shared")

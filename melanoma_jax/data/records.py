@@ -1,0 +1,304 @@
+"""TFRecords of both layouts SIIM-ISIC users have, and a JPEG folder -> TFRecord converter.
+
+Layouts (detected per file by `detect_layout`):
+- "resized": the widely used melanoma-NxN sets. Keys `image` (JPEG bytes), `image_name` (bytes) and, in
+  train records, `patient_id`, `sex`, `age_approx`, `anatom_site_general_challenge`, `diagnosis`, `target`,
+  all int64, categorical fields integer-coded (codes in `codes.json` beside the shards; -1 = missing).
+  Test records have only `image` and `image_name`.
+- "competition": the competition's own `tfrecords/train*.tfrec` / `test*.tfrec`: `image`, `image_name` and,
+  for train, `target`; other fields (if any) are strings. Fields the records lack are joined from the CSV
+  by `image_name`.
+
+Shards are named `{split}{index:02d}-{count}.tfrec`, so the count is known without reading them.
+
+Convert a folder of JPEGs (the ISIC archive / Kaggle `jpeg/` layout) plus a CSV:
+  python -m melanoma_jax.data.records --csv train.csv --images jpeg/train --out out --size 512 --split train
+"""
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from melanoma_jax.data import metadata
+from melanoma_jax.utils.errors import InputError
+from melanoma_jax.utils.tf_host import tf
+
+CATEGORICAL_FIELDS = ("patient_id", "sex", "anatom_site_general_challenge", "diagnosis")
+INT_FIELDS = ("patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis", "target")
+MISSING_CODE = -1
+CODES_FILE = "codes.json"
+_SHARD_COUNT = re.compile(r"-(\d+)\.tfrec$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integer codes of categorical fields.
+
+def fit_codes(*dfs):
+  """{field: sorted categories} over the given tables; a category's code is its index."""
+  codes = {}
+  for field in CATEGORICAL_FIELDS:
+    values = set()
+    for df in dfs:
+      if field in df.columns:
+        values.update(str(v) for v in df[field].dropna().unique())
+    codes[field] = sorted(values)
+  return codes
+
+
+def save_codes(codes, path):
+  with open(path, "w") as f:
+    json.dump({"missing": MISSING_CODE, "codes": codes}, f, indent=1, sort_keys=True)
+
+
+def load_codes(path):
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: codes file not found")
+  try:
+    with open(path) as f:
+      return json.load(f)["codes"]
+  except (json.JSONDecodeError, KeyError) as e:
+    raise InputError(f"{path}: not a codes file ({e})") from e
+
+
+def _encode_field(codes, field, value):
+  if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+    return MISSING_CODE
+  if field in CATEGORICAL_FIELDS:
+    try:
+      return codes[field].index(str(value))
+    except ValueError:
+      raise InputError(f"value {value!r} of {field} has no integer code (codes.json lacks it)") from None
+  return int(value)
+
+
+def decode_field(codes, field, code):
+  """Inverse of the integer coding: a string (categorical), float age, int target, or None if missing."""
+  if code == MISSING_CODE:
+    return None
+  if field in CATEGORICAL_FIELDS:
+    return codes[field][code]
+  if field == "age_approx":
+    return float(code)
+  return int(code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing.
+
+def _bytes_feature(value):
+  return tf().train.Feature(bytes_list=tf().train.BytesList(value=[value]))
+
+
+def _int_feature(value):
+  return tf().train.Feature(int64_list=tf().train.Int64List(value=[int(value)]))
+
+
+def encode_example(image_bytes, row, codes, split):
+  """One serialized tf.train.Example in the resized layout; test records carry only image and name."""
+  feature = {"image": _bytes_feature(image_bytes),
+             "image_name": _bytes_feature(str(row["image_name"]).encode())}
+  if split == "train":
+    for field in INT_FIELDS:
+      feature[field] = _int_feature(_encode_field(codes, field, row.get(field)))
+  return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString()
+
+
+def shard_ranges(num_rows, num_shards):
+  """Contiguous, near-equal [start, stop) row ranges; never an empty shard."""
+  num_shards = max(1, min(num_shards, num_rows))
+  bounds = np.linspace(0, num_rows, num_shards + 1).round().astype(int)
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def write_resized_records(df, jpeg_bytes, out_dir, split, num_shards, codes):
+  """Writes df's rows with the JPEGs of `jpeg_bytes` (same order) as resized-layout shards.
+
+  Each shard is written to a temporary name and renamed when complete, so a killed run never leaves a
+  file that looks whole. Returns the shard paths.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  if df.empty:
+    raise InputError(f"no {split} rows to write to {out_dir}")
+  os.makedirs(out_dir, exist_ok=True)
+  rows = df.to_dict("records")
+  images = iter(jpeg_bytes)
+  paths = []
+  for index, (start, stop) in enumerate(shard_ranges(len(rows), num_shards)):
+    path = os.path.join(out_dir, f"{split}{index:02d}-{stop - start}.tfrec")
+    tmp = path + ".partial"
+    with tf().io.TFRecordWriter(tmp) as writer:
+      for row in rows[start:stop]:
+        try:
+          image = next(images)
+        except StopIteration:
+          raise ValueError(f"fewer images than the {len(rows)} rows of the {split} table") from None
+        writer.write(encode_example(image, row, codes, split))
+    os.replace(tmp, path)
+    paths.append(path)
+  return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading.
+
+def list_record_files(data_dir, split):
+  """Sorted `{split}*.tfrec` files in data_dir or data_dir/tfrecords; InputError if there are none."""
+  for folder in (data_dir, os.path.join(data_dir, "tfrecords")):
+    files = sorted(glob.glob(os.path.join(folder, f"{split}*.tfrec")))
+    if files:
+      return files
+  raise InputError(f"{data_dir}: no {split}*.tfrec files (looked in it and in its tfrecords/ folder)")
+
+
+def count_in_name(path):
+  """The example count encoded in a shard's name (`train00-2182.tfrec`), or None."""
+  match = _SHARD_COUNT.search(os.path.basename(path))
+  return int(match.group(1)) if match else None
+
+
+def iter_serialized(path):
+  """Yields the serialized records of one file; InputError naming the file if it is corrupt or truncated."""
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: TFRecord file not found")
+  count = 0
+  try:
+    for record in tf().data.TFRecordDataset(path):
+      count += 1
+      yield record.numpy()
+  except (tf().errors.DataLossError, tf().errors.InvalidArgumentError) as e:
+    detail = re.search(r"(truncated|corrupted) record at \d+", str(e.message))
+    raise InputError(f"{path}: corrupt or truncated TFRecord after {count} good record(s)"
+                     + (f" ({detail.group(0)})" if detail else "")) from None
+
+
+def _parse_raw(serialized, path):
+  try:
+    example = tf().train.Example.FromString(serialized)
+  except Exception as e:  # pylint: disable=broad-except  (protobuf's DecodeError)
+    raise InputError(f"{path}: a record is not a tf.train.Example ({e})") from None
+  fields = {}
+  for key, feature in example.features.feature.items():
+    kind = feature.WhichOneof("kind")
+    values = list(getattr(feature, kind).value) if kind else []
+    fields[key] = values[0] if len(values) == 1 else values
+  return fields
+
+
+def detect_layout(path):
+  """'resized' if the first record has int64 metadata fields, else 'competition'."""
+  for serialized in iter_serialized(path):
+    fields = _parse_raw(serialized, path)
+    if "image" not in fields or "image_name" not in fields:
+      raise InputError(f"{path}: records lack the 'image' and 'image_name' keys (has {sorted(fields)})")
+    example = tf().train.Example.FromString(serialized)
+    kinds = {k: f.WhichOneof("kind") for k, f in example.features.feature.items()}
+    if kinds.get("patient_id") == "int64_list" or kinds.get("sex") == "int64_list":
+      return "resized"
+    return "competition"
+  raise InputError(f"{path}: no records")
+
+
+def read_examples(path, codes=None):
+  """Yields every record of a file as a dict: `image` bytes, `image_name` str, other fields as stored.
+
+  With `codes`, integer-coded categorical fields of the resized layout are decoded back to strings
+  (None where missing).
+  """
+  for serialized in iter_serialized(path):
+    fields = _parse_raw(serialized, path)
+    fields["image_name"] = fields["image_name"].decode()
+    for key, value in list(fields.items()):
+      if isinstance(value, bytes) and key != "image":
+        fields[key] = value.decode()
+      elif codes is not None and key in INT_FIELDS and isinstance(value, int):
+        fields[key] = decode_field(codes, key, value)
+    yield fields
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JPEG folder -> TFRecords.
+
+def load_resized_jpeg(path, size, quality=95):
+  """A JPEG file centre-cropped to a square and resized to size x size, re-encoded; InputError if corrupt."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: image file not found")
+  try:
+    with Image.open(path) as image:
+      image = image.convert("RGB")
+      width, height = image.size
+      side = min(width, height)
+      left, top = (width - side) // 2, (height - side) // 2
+      image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+  except (OSError, SyntaxError, ValueError) as e:
+    raise InputError(f"{path}: corrupt or unreadable image ({e})") from None
+  buffer = io.BytesIO()
+  image.save(buffer, format="JPEG", quality=quality)
+  return buffer.getvalue()
+
+
+def convert_folder(csv_path, images_dir, out_dir, size, split="train", num_shards=16, codes_path=None,
+                   skip_corrupt=False):
+  """Converts `images_dir/<image_name>.jpg` for every CSV row into resized-layout shards + codes.json.
+
+  Corrupt images raise InputError naming the file, or with skip_corrupt are left out and counted.
+  Returns a summary dict.
+  """
+  df = metadata.load_metadata(csv_path, split)
+  codes = load_codes(codes_path) if codes_path else fit_codes(df)
+  start, kept, skipped = time.time(), [], []
+  images = []
+  for i, row in enumerate(df.itertuples(index=False)):
+    path = os.path.join(images_dir, f"{row.image_name}.jpg")
+    try:
+      images.append(load_resized_jpeg(path, size))
+      kept.append(i)
+    except InputError as e:
+      if not skip_corrupt or not os.path.isfile(path):
+        raise
+      skipped.append(row.image_name)
+      logging.warning("skipping %s", e)
+    if (i + 1) % 500 == 0:
+      rate = (i + 1) / (time.time() - start)
+      logging.info("%d/%d images, %.1f images/s, ETA %.0f s", i + 1, len(df), rate, (len(df) - i - 1) / rate)
+  paths = write_resized_records(df.iloc[kept], images, out_dir, split, num_shards, codes)
+  save_codes(codes, os.path.join(out_dir, CODES_FILE))
+  df.iloc[kept].to_csv(os.path.join(out_dir, f"{split}.csv"), index=False)
+  if skipped:
+    logging.warning("%d corrupt image(s) skipped, e.g. %s", len(skipped), ", ".join(skipped[:5]))
+  return {"written": len(kept), "skipped": len(skipped), "shards": paths, "seconds": time.time() - start}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--csv", required=True, help="train.csv or test.csv")
+  parser.add_argument("--images", required=True, help="folder of <image_name>.jpg")
+  parser.add_argument("--out", required=True, help="output folder for the shards, codes.json and the CSV")
+  parser.add_argument("--size", type=int, default=512)
+  parser.add_argument("--split", choices=("train", "test"), default="train")
+  parser.add_argument("--num-shards", type=int, default=16)
+  parser.add_argument("--codes", default=None, help="reuse codes.json of an earlier conversion (for test)")
+  parser.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt images")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  try:
+    summary = convert_folder(args.csv, args.images, args.out, args.size, args.split, args.num_shards,
+                             args.codes, args.skip_corrupt)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps({k: v for k, v in summary.items() if k != "shards"} | {"out": args.out}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

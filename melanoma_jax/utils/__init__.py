@@ -1,0 +1,1 @@
+"""Small shared helpers: host-side TensorFlow, results.json, plots, errors."""
