@@ -1,0 +1,1 @@
+"""Training core shared by the image and tabular models: loss, AUC, state, pmapped steps, checkpoints."""
