@@ -16,8 +16,12 @@ from melanoma_jax.training.state import model_variables
 AXIS = "batch"
 
 
-def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS):
-  """train_step(state, batch) -> (state, metrics); batch = {'x', 'y', 'mask'}, one device's shard."""
+def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS, frozen=()):
+  """train_step(state, batch) -> (state, metrics); batch = {'x', 'y', 'mask'}, one device's shard.
+
+  `frozen`: top-level parameter collections (e.g. ('backbone',)) kept exactly as they are, whatever the
+  optimizer (weight decay included) would do to them.
+  """
   weights = tuple(float(w) for w in class_weights)
 
   def train_step(state, batch):
@@ -40,6 +44,9 @@ def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS):
     grads = lax.psum(grads, axis_name)
     loss = lax.psum(loss, axis_name)
     new_state = state.apply_gradients(grads=grads, rng=rng)
+    if frozen:
+      new_state = new_state.replace(params={k: (state.params[k] if k in frozen else v)
+                                            for k, v in new_state.params.items()})
     if has_stats:
       # Models with a BatchNorm axis name already share statistics; the mean keeps any other model exact too.
       new_state = new_state.replace(batch_stats=lax.pmean(updates["batch_stats"], axis_name))

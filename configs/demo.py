@@ -1,0 +1,27 @@
+"""The demo: synthetic lesions on the real ISIC 2020 metadata, small images, random init, a few minutes on CPU.
+
+  python main.py --config=configs/demo.py --workdir=runs/demo     (what `make demo` runs)
+"""
+from configs import image
+
+
+def get_config():
+  config = image.get_config()
+  config.data_dir = ""  # Generate the synthetic set into WORKDIR/data.
+  config.image_size = 75
+  config.per_device_batch_size = 32
+  config.num_epochs = 3
+  config.oversample_share = 0.2
+  config.freeze_backbone_epochs = 0
+  config.model.init_weights = ""
+  config.model.dtype = "float32"
+  config.model.remat = False
+  config.optimizer.lr_start = 1e-4
+  config.optimizer.lr_max = 1e-3
+  config.optimizer.lr_min = 1e-4
+  config.optimizer.warmup_epochs = 1
+  config.optimizer.decay = 0.5
+  config.log_every_steps = 10
+  config.tta = False
+  config.synthetic.num_patients = 0
+  return config

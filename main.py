@@ -1,0 +1,102 @@
+"""melanoma_jax entry point.
+
+  python main.py --config=configs/demo.py --workdir=runs/demo                 # train + predict (image)
+  python main.py --config=configs/image.py --workdir=W --mode=predict         # predict with the best checkpoint
+  python main.py --config=configs/tabular.py --workdir=W                      # tabular model, 5-fold CV
+  python main.py --config=configs/demo.py --workdir=W --mode=data             # leakage check, folds, data only
+Any config field can be overridden: --config.image_size=128 --config.synthetic.num_patients=100.
+"""
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard logs, results.json, CSVs.")
+flags.DEFINE_enum("mode", "train", ["train", "predict", "data"],
+                  "train: train (resuming) then predict; predict: best checkpoint -> submission; "
+                  "data: only the data steps (leakage check, folds, synthetic generation).")
+flags.DEFINE_string("jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "melanoma_jax", "xla"),
+                    "Persistent XLA compilation cache ('' to disable): re-runs skip recompiling.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_libraries():
+  """Keeps the console to our progress lines: libraries' INFO chatter (orbax, TF) is dropped."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+
+  class _OwnInfoOnly(py_logging.Filter):
+
+    def filter(self, record):
+      return record.levelno >= py_logging.WARNING or "melanoma_jax" in record.pathname or (
+          record.pathname.endswith("main.py"))
+
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  logging.set_verbosity(logging.INFO)
+
+
+def _setup_jax(cache_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  logging.info("JAX %s: %d local device(s) %s, %d process(es)", jax.__version__, jax.local_device_count(),
+               jax.local_devices()[0].platform, jax.process_count())
+
+
+def run_data_steps(config, workdir):
+  """Leakage check, folds and (for an empty data_dir) synthetic generation; no training."""
+  from melanoma_jax.data import folds  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import image  # pylint: disable=g-import-not-at-top
+  if config.task == "tabular":
+    from melanoma_jax.data import metadata  # pylint: disable=g-import-not-at-top
+    root = config.data_dir
+    train_df = metadata.load_metadata(os.path.join(root, "train.csv") if root else metadata.EMBEDDED_TRAIN_CSV)
+    test_df = metadata.load_metadata(os.path.join(root, "test.csv") if root else metadata.EMBEDDED_TEST_CSV,
+                                     "test")
+    logging.info("%s", metadata.check_leakage(train_df, test_df))
+  else:
+    train_df = image.resolve_data(config, workdir).train_df
+  fold_ids = folds.assign_folds(train_df, int(config.num_folds), int(config.seed))
+  logging.info("patient-grouped folds:\n%s", folds.fold_summary(train_df, fold_ids).to_string())
+  return {"mode": "data", "images": len(train_df), "patients": int(train_df["patient_id"].nunique())}
+
+
+def main(argv):
+  del argv
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  config, workdir = FLAGS.config, FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  _quiet_libraries()
+  try:
+    _setup_jax(FLAGS.jax_cache_dir)
+    if FLAGS.mode == "data":
+      run_data_steps(config, workdir)
+    elif config.task == "tabular":
+      from melanoma_jax.tabular import train as tabular_train  # pylint: disable=g-import-not-at-top
+      tabular_train.run(config, workdir)
+    elif config.task == "image":
+      from melanoma_jax.training import image  # pylint: disable=g-import-not-at-top
+      if FLAGS.mode == "predict":
+        image.predict(config, workdir)
+      else:
+        image.train_and_evaluate(config, workdir, start_time=start)
+    else:
+      raise InputError(f"config.task={config.task!r} must be 'image' or 'tabular'")
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ == "NonFiniteLossError":
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(3)
+    raise
+  print(f"done in {time.time() - start:.0f} s; outputs in {os.path.abspath(workdir)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

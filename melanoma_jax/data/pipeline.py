@@ -1,0 +1,246 @@
+"""tf.data input pipeline (host side): TFRecords -> decoded, augmented, [-1, 1]-scaled, device-sharded batches.
+
+Targets and fold ids are looked up from the CSV by `image_name`, so both record layouts work and fields the
+records lack are joined from the table. Every random choice (order, oversampling, augmentation) is a
+stateless function of (seed, epoch, example position): an epoch's stream is the same however often it is
+rebuilt, which is what makes a killed run resume to the same result.
+"""
+import math
+
+import jax
+import numpy as np
+
+from melanoma_jax.data import records
+from melanoma_jax.utils.errors import InputError
+from melanoma_jax.utils.tf_host import tf
+
+_AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TF at module load.
+
+
+def _lookup(keys, values, default):
+  tf_ = tf()
+  init = tf_.lookup.KeyValueTensorInitializer(tf_.constant(list(keys)), tf_.constant(values, tf_.int64))
+  return tf_.lookup.StaticHashTable(init, default_value=default)
+
+
+def _parse(serialized):
+  spec = {"image": tf().io.FixedLenFeature([], tf().string),
+          "image_name": tf().io.FixedLenFeature([], tf().string)}
+  return tf().io.parse_single_example(serialized, spec)
+
+
+def _records(files, deterministic=True):
+  """Parsed records of `files`, files interleaved, sharded by JAX process for multi-host runs."""
+  tf_ = tf()
+  files_ds = tf_.data.Dataset.from_tensor_slices(list(files))
+  if jax.process_count() > 1:
+    files_ds = files_ds.shard(jax.process_count(), jax.process_index())
+  ds = files_ds.interleave(tf_.data.TFRecordDataset, cycle_length=min(len(files), 8),
+                           num_parallel_calls=_AUTOTUNE, deterministic=deterministic)
+  return ds.map(_parse, num_parallel_calls=_AUTOTUNE, deterministic=deterministic)
+
+
+def decode_image(image_bytes, image_size):
+  """JPEG bytes -> float32 [image_size, image_size, 3] in [0, 255]."""
+  tf_ = tf()
+  image = tf_.io.decode_jpeg(image_bytes, channels=3)
+  image = tf_.cast(image, tf_.float32)
+  shape = tf_.shape(image)
+  return tf_.cond(tf_.logical_and(tf_.equal(shape[0], image_size), tf_.equal(shape[1], image_size)),
+                  lambda: image, lambda: tf_.image.resize(image, [image_size, image_size], antialias=True))
+
+
+def scale_for_inception(image):
+  """[0, 255] -> [-1, 1], the input range Keras' InceptionResNetV2 was trained on."""
+  return image / 127.5 - 1.0
+
+
+def _affine_matrix(seed, size, aug):
+  """A random output->input projective transform (rotation, shear, zoom, shift) as the 8 TF parameters."""
+  tf_ = tf()
+  u = tf_.random.stateless_uniform([6], seed=seed, minval=-1.0, maxval=1.0)
+  deg = math.pi / 180.0
+  rotation = u[0] * aug.rotation_deg * deg
+  shear = u[1] * aug.shear_deg * deg
+  zoom_x = 1.0 + u[2] * aug.zoom
+  zoom_y = 1.0 + u[3] * aug.zoom
+  shift_x = u[4] * aug.shift * size
+  shift_y = u[5] * aug.shift * size
+  c, s = tf_.cos(rotation), tf_.sin(rotation)
+  one, zero = tf_.ones([]), tf_.zeros([])
+  # Forward map (input -> output) about the image centre: rotate, shear, zoom; its inverse samples the input.
+  rot = tf_.reshape(tf_.stack([c, -s, zero, s, c, zero, zero, zero, one]), [3, 3])
+  shr = tf_.reshape(tf_.stack([one, tf_.tan(shear), zero, zero, one, zero, zero, zero, one]), [3, 3])
+  zm = tf_.reshape(tf_.stack([zoom_x, zero, zero, zero, zoom_y, zero, zero, zero, one]), [3, 3])
+  half = (size - 1) / 2.0
+  to_centre = tf_.reshape(tf_.stack([one, zero, -half, zero, one, -half, zero, zero, one]), [3, 3])
+  back = tf_.reshape(tf_.stack([one, zero, half + shift_x, zero, one, half + shift_y, zero, zero, one]),
+                     [3, 3])
+  forward = back @ rot @ shr @ zm @ to_centre
+  inverse = tf_.linalg.inv(forward)
+  inverse = inverse / inverse[2, 2]
+  return tf_.reshape(inverse, [9])[:8]
+
+
+def augment(image, seed, aug):
+  """One fused random affine (reflect fill, bilinear), flips and mild colour jitter; image in [0, 255]."""
+  tf_ = tf()
+  size = tf_.shape(image)[0]
+  seeds = tf_.random.experimental.stateless_split(seed, 6)
+  if aug.rotation_deg or aug.shear_deg or aug.zoom or aug.shift:
+    transform = _affine_matrix(seeds[0], tf_.cast(size, tf_.float32), aug)
+    image = tf_.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf_.shape(image)[:2],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")[0]
+  if aug.flip:
+    image = tf_.image.stateless_random_flip_left_right(image, seeds[1])
+    image = tf_.image.stateless_random_flip_up_down(image, seeds[2])
+  if aug.brightness:
+    image = image + tf_.random.stateless_uniform([], seeds[3], -aug.brightness, aug.brightness) * 255.0
+  if aug.contrast:
+    factor = tf_.random.stateless_uniform([], seeds[4], 1.0 - aug.contrast, 1.0 + aug.contrast)
+    mean = tf_.reduce_mean(image, axis=[0, 1], keepdims=True)
+    image = (image - mean) * factor + mean
+  if aug.saturation:
+    factor = tf_.random.stateless_uniform([], seeds[5], 1.0 - aug.saturation, 1.0 + aug.saturation)
+    grey = tf_.reduce_mean(image, axis=-1, keepdims=True)
+    image = (image - grey) * factor + grey
+  return tf_.clip_by_value(image, 0.0, 255.0)
+
+
+class ImagePipeline:
+  """Builds the train / eval / predict datasets of one fold split.
+
+  `train_names`, `val_names`: image names of the two sides of the split; `targets`: {image_name: 0/1}.
+  """
+
+  def __init__(self, train_files, test_files, targets, train_names, val_names, config):
+    self.train_files = list(train_files)
+    self.test_files = list(test_files)
+    self.config = config
+    self.image_size = int(config.image_size)
+    self.num_devices = jax.local_device_count()
+    self.global_batch = int(config.per_device_batch_size) * self.num_devices
+    self.train_names = list(train_names)
+    self.val_names = list(val_names)
+    self._targets = dict(targets)
+    self.train_positives = sum(self._targets[n] for n in self.train_names)
+    self.num_train = len(self.train_names)
+    if self.num_train == 0 or not self.val_names:
+      raise InputError(f"empty split: {self.num_train} training and {len(self.val_names)} validation images")
+    if self.train_positives == 0:
+      raise InputError("the training split has no malignant image")
+    names = self.train_names + self.val_names
+    side = [0] * len(self.train_names) + [1] * len(self.val_names)
+    self._side = _lookup(names, side, -1)
+    self._target = _lookup(names, [self._targets[n] for n in names], -1)
+
+  # ------------------------------------------------------------------------------------------ training
+  @property
+  def steps_per_epoch(self):
+    return max(1, self.num_train // self.global_batch)
+
+  def positive_share(self):
+    """Malignant share of the training stream: the configured oversampling share, or the natural one."""
+    natural = self.train_positives / self.num_train
+    return max(natural, float(self.config.oversample_share or 0.0))
+
+  def _labelled(self, side):
+    ds = _records(self.train_files)
+    ds = ds.map(lambda r: dict(r, side=self._side.lookup(r["image_name"]),
+                               target=self._target.lookup(r["image_name"])), num_parallel_calls=_AUTOTUNE)
+    return ds.filter(lambda r: tf().equal(r["side"], side))
+
+  def train_dataset(self, epoch, seed):
+    """The batches of one training epoch: steps_per_epoch batches of [devices, per_device, ...]."""
+    tf_ = tf()
+    epoch_seed = int(np.random.default_rng([seed, epoch]).integers(2**31 - 1))
+    streams = []
+    for label in (0, 1):
+      part = self._labelled(0).filter(lambda r, label=label: tf_.equal(r["target"], label))
+      count = self.train_positives if label else self.num_train - self.train_positives
+      if label:  # The scarce class is drawn many times per epoch: keep its few encoded JPEGs in memory.
+        part = part.cache()
+      streams.append(part.shuffle(min(count, 4096), seed=epoch_seed + label).repeat())
+    total = self.steps_per_epoch * self.global_batch
+    share = self.positive_share()
+    choice = tf_.data.Dataset.range(total).map(
+        lambda i: tf_.cast(tf_.random.stateless_uniform([], [epoch_seed, i]) < share, tf_.int64))
+    ds = tf_.data.Dataset.choose_from_datasets(streams, choice).take(total)
+    ds = ds.enumerate().map(lambda i, r: self._train_example(r, [epoch_seed, i]),
+                            num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return self._finish(ds)
+
+  def _train_example(self, record, seed):
+    image = decode_image(record["image"], self.image_size)
+    if self.config.augment.enabled:
+      image = augment(image, tf().cast(seed, tf().int64), self.config.augment)
+    return {"x": scale_for_inception(image), "y": tf().cast(record["target"], tf().float32),
+            "mask": tf().ones([], tf().float32)}
+
+  # ------------------------------------------------------------------------------------------ evaluation
+  def _eval_example(self, record):
+    return {"x": scale_for_inception(decode_image(record["image"], self.image_size)),
+            "y": tf().cast(tf().maximum(record.get("target", tf().constant(0, tf().int64)), 0), tf().float32),
+            "mask": tf().ones([], tf().float32), "image_name": record["image_name"]}
+
+  def _padded(self, ds, count):
+    """Pads with masked blanks to whole global batches: every example is seen exactly once."""
+    tf_ = tf()
+    blank = {"x": tf_.zeros([self.image_size, self.image_size, 3]), "y": tf_.zeros([]),
+             "mask": tf_.zeros([]), "image_name": tf_.constant(b"")}
+    padded_total = max(1, math.ceil(count / self.global_batch)) * self.global_batch
+    ds = ds.concatenate(tf_.data.Dataset.from_tensors(blank).repeat()).take(padded_total)
+    return self._finish(ds)
+
+  def val_dataset(self):
+    ds = self._labelled(1).map(self._eval_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return self._padded(ds, len(self.val_names))
+
+  def test_dataset(self, num_test):
+    ds = _records(self.test_files).map(self._eval_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    return self._padded(ds, num_test)
+
+  def _finish(self, ds):
+    if self.config.get("skip_corrupt", False):
+      ds = ds.ignore_errors(log_warning=True)
+    return ds.batch(self.global_batch, drop_remainder=True).prefetch(_AUTOTUNE)
+
+  # ------------------------------------------------------------------------------------------ to devices
+  def device_batches(self, ds, files):
+    """Yields (sharded numpy batch for the devices, image names) and names the file of a corrupt record."""
+    iterator = iter(ds)
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except (tf().errors.InvalidArgumentError, tf().errors.DataLossError) as e:
+        raise find_corrupt(files, e) from None
+      names = batch.pop("image_name", None)
+      host = {k: v.numpy() for k, v in batch.items()}
+      sharded = {k: v.reshape((self.num_devices, -1) + v.shape[1:]) for k, v in host.items()}
+      yield sharded, (None if names is None else [n.decode() for n in names.numpy()])
+
+
+def find_corrupt(files, error):
+  """An InputError naming the first corrupt record file or JPEG among `files` (run only after a failure)."""
+  tf_ = tf()
+  for path in files:
+    try:
+      for example in records.read_examples(path):
+        try:
+          tf_.io.decode_jpeg(example["image"], channels=3)
+        except tf_.errors.InvalidArgumentError:
+          return InputError(f"{path}: image {example['image_name']} is not a decodable JPEG "
+                            "(set config.skip_corrupt=True to skip and count such images)")
+    except InputError as e:
+      return e
+  return InputError(f"reading {len(files)} TFRecord file(s) failed: {str(error).splitlines()[0]}")
+
+
+def count_check(seen, expected, what, source):
+  """Raises if an evaluation pass saw a different number of examples than its table lists."""
+  if seen != expected:
+    raise InputError(f"{source}: {what} has {expected} image(s) in its CSV but {seen} in its TFRecords "
+                     "(missing or extra records)")
