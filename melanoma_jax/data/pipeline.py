@@ -9,6 +9,7 @@ import math
 
 import jax
 import numpy as np
+from absl import logging
 
 from melanoma_jax.data import records
 from melanoma_jax.utils.errors import InputError
@@ -163,13 +164,15 @@ class ImagePipeline:
         part = part.cache()
       streams.append(part.shuffle(min(count, 4096), seed=epoch_seed + label).repeat())
     total = self.steps_per_epoch * self.global_batch
+    skip = bool(self.config.get("skip_corrupt", False))
     share = self.positive_share()
-    choice = tf_.data.Dataset.range(total).map(
+    # Twice the draws when corrupt examples may be skipped, so the epoch still fills up.
+    choice = tf_.data.Dataset.range(total * (2 if skip else 1)).map(
         lambda i: tf_.cast(tf_.random.stateless_uniform([], [epoch_seed, i]) < share, tf_.int64))
-    ds = tf_.data.Dataset.choose_from_datasets(streams, choice).take(total)
+    ds = tf_.data.Dataset.choose_from_datasets(streams, choice)
     ds = ds.enumerate().map(lambda i, r: self._train_example(r, [epoch_seed, i]),
                             num_parallel_calls=_AUTOTUNE, deterministic=True)
-    return self._finish(ds)
+    return self._finish(self._skip_corrupt(ds).take(total))
 
   def _train_example(self, record, seed):
     image = decode_image(record["image"], self.image_size)
@@ -195,15 +198,17 @@ class ImagePipeline:
 
   def val_dataset(self):
     ds = self._labelled(1).map(self._eval_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    return self._padded(ds, len(self.val_names))
+    return self._padded(self._skip_corrupt(ds), len(self.val_names))
 
   def test_dataset(self, num_test):
     ds = _records(self.test_files).map(self._eval_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    return self._padded(ds, num_test)
+    return self._padded(self._skip_corrupt(ds), num_test)
+
+  def _skip_corrupt(self, ds):
+    """With config.skip_corrupt, drops examples whose decoding failed (logged; counted by the caller)."""
+    return ds.ignore_errors(log_warning=True) if self.config.get("skip_corrupt", False) else ds
 
   def _finish(self, ds):
-    if self.config.get("skip_corrupt", False):
-      ds = ds.ignore_errors(log_warning=True)
     return ds.batch(self.global_batch, drop_remainder=True).prefetch(_AUTOTUNE)
 
   # ------------------------------------------------------------------------------------------ to devices
@@ -239,8 +244,15 @@ def find_corrupt(files, error):
   return InputError(f"reading {len(files)} TFRecord file(s) failed: {str(error).splitlines()[0]}")
 
 
-def count_check(seen, expected, what, source):
-  """Raises if an evaluation pass saw a different number of examples than its table lists."""
+def count_check(seen, expected, what, source, skip_corrupt=False):
+  """Raises if an evaluation pass saw a different number of examples than its table lists.
+
+  With skip_corrupt, fewer examples (corrupt ones skipped) are logged with their count instead.
+  """
+  if skip_corrupt and seen < expected:
+    logging.warning("%s: %d of the %d image(s) of %s were skipped as corrupt", source, expected - seen,
+                    expected, what)
+    return
   if seen != expected:
     raise InputError(f"{source}: {what} has {expected} image(s) in its CSV but {seen} in its TFRecords "
                      "(missing or extra records)")

@@ -111,6 +111,15 @@ def encode_example(image_bytes, row, codes, split):
   return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString()
 
 
+def encode_competition_example(image_bytes, row, split):
+  """One serialized record in the competition layout: image, image_name and (train) target."""
+  feature = {"image": _bytes_feature(image_bytes),
+             "image_name": _bytes_feature(str(row["image_name"]).encode())}
+  if split == "train":
+    feature["target"] = _int_feature(row["target"])
+  return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString()
+
+
 def shard_ranges(num_rows, num_shards):
   """Contiguous, near-equal [start, stop) row ranges; never an empty shard."""
   num_shards = max(1, min(num_shards, num_rows))
@@ -124,6 +133,17 @@ def write_resized_records(df, jpeg_bytes, out_dir, split, num_shards, codes):
   Each shard is written to a temporary name and renamed when complete, so a killed run never leaves a
   file that looks whole. Returns the shard paths.
   """
+  return _write_shards(df, jpeg_bytes, out_dir, split, num_shards,
+                       lambda image, row: encode_example(image, row, codes, split))
+
+
+def write_competition_records(df, jpeg_bytes, out_dir, split, num_shards):
+  """Like write_resized_records, in the competition layout (other fields are joined from the CSV)."""
+  return _write_shards(df, jpeg_bytes, out_dir, split, num_shards,
+                       lambda image, row: encode_competition_example(image, row, split))
+
+
+def _write_shards(df, jpeg_bytes, out_dir, split, num_shards, encode):
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   if df.empty:
@@ -141,7 +161,7 @@ def write_resized_records(df, jpeg_bytes, out_dir, split, num_shards, codes):
           image = next(images)
         except StopIteration:
           raise ValueError(f"fewer images than the {len(rows)} rows of the {split} table") from None
-        writer.write(encode_example(image, row, codes, split))
+        writer.write(encode(image, row))
     os.replace(tmp, path)
     paths.append(path)
   return paths
@@ -207,12 +227,14 @@ def detect_layout(path):
   raise InputError(f"{path}: no records")
 
 
-def read_examples(path, codes=None):
+def read_examples(path, codes=None, table=None):
   """Yields every record of a file as a dict: `image` bytes, `image_name` str, other fields as stored.
 
   With `codes`, integer-coded categorical fields of the resized layout are decoded back to strings
-  (None where missing).
+  (None where missing). With `table` (a metadata DataFrame), fields the record lacks are joined from the
+  table's row of the same image_name (None where the table has a missing value).
   """
+  rows = table.set_index("image_name") if table is not None else None
   for serialized in iter_serialized(path):
     fields = _parse_raw(serialized, path)
     fields["image_name"] = fields["image_name"].decode()
@@ -221,6 +243,12 @@ def read_examples(path, codes=None):
         fields[key] = value.decode()
       elif codes is not None and key in INT_FIELDS and isinstance(value, int):
         fields[key] = decode_field(codes, key, value)
+    if rows is not None:
+      if fields["image_name"] not in rows.index:
+        raise InputError(f"{path}: image {fields['image_name']} is not in {table.attrs.get('path', 'the CSV')}")
+      for key, value in rows.loc[fields["image_name"]].items():
+        if key not in fields:
+          fields[key] = None if pd.isna(value) else value
     yield fields
 
 

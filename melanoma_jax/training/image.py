@@ -200,7 +200,8 @@ def run_inference(p_predict, state, pipeline, dataset, files, expected, what):
     probs.append(out[keep])
     targets.append(batch["y"].reshape(-1)[keep])
     names.extend(n for n, k in zip(batch_names, keep) if k)
-  pipeline_lib.count_check(len(names), expected, what, files[0] if files else "")
+  pipeline_lib.count_check(len(names), expected, what, files[0] if files else "",
+                           skip_corrupt=bool(pipeline.config.get("skip_corrupt", False)))
   if len(set(names)) != len(names):
     raise InputError(f"{files[0]}: {what} records hold duplicate image names")
   return names, np.concatenate(targets), np.concatenate(probs)
@@ -365,7 +366,12 @@ def predict(config, workdir, data=None, split=None, pipeline=None, model=None):
   test_names, _, test_probs = run_inference(p_predict, state, pipeline, pipeline.test_dataset(len(data.test_df)),
                                             data.test_files, len(data.test_df), "test.csv")
   submission = pd.DataFrame({"image_name": test_names, "target": test_probs})
-  submission = submission.set_index("image_name").loc[data.test_df["image_name"]].reset_index()
+  submission = submission.set_index("image_name").reindex(data.test_df["image_name"])
+  skipped = submission["target"].isna()
+  if skipped.any():  # Only with config.skip_corrupt: Kaggle needs a row for every test image.
+    logging.warning("%d corrupt test image(s) get the median prediction", int(skipped.sum()))
+    submission.loc[skipped, "target"] = float(np.median(test_probs))
+  submission = submission.reset_index()
   submission_path = os.path.join(workdir, "submission.csv")
   submission.to_csv(submission_path, index=False)
   logging.info("best checkpoint (epoch %d): validation AUC %.4f%s; wrote %s, %s, %s", meta["epoch"], auc,
