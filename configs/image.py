@@ -21,6 +21,7 @@ def get_config():
   config.per_device_batch_size = 16
   config.global_batch_size = 0  # 0 = per_device_batch_size x local devices; else must divide evenly.
   config.num_epochs = 16
+  config.max_steps_per_epoch = 0  # 0 = a full pass of the training split; >0 caps it (smoke runs).
   config.seed = 0
   config.num_folds = 5
   config.fold = 0

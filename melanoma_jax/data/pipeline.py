@@ -139,7 +139,9 @@ class ImagePipeline:
   # ------------------------------------------------------------------------------------------ training
   @property
   def steps_per_epoch(self):
-    return max(1, self.num_train // self.global_batch)
+    full = max(1, self.num_train // self.global_batch)
+    cap = int(self.config.get("max_steps_per_epoch", 0) or 0)
+    return min(full, cap) if cap > 0 else full
 
   def positive_share(self):
     """Malignant share of the training stream: the configured oversampling share, or the natural one."""

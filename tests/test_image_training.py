@@ -1,0 +1,182 @@
+"""Image training through main.py and the real pipeline: outputs, exact kill-and-resume, bad configs, NaN stop.
+
+Most runs use config.model.name=tiny (the machinery at a fraction of the compile time); one run trains the
+real InceptionResNetV2 classifier for a few steps.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as sk_metrics
+
+from configs import demo
+from melanoma_jax.data import synthetic
+from melanoma_jax.training import image
+from melanoma_jax.utils.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.name=tiny", "--config.image_size=75", "--config.per_device_batch_size=2",
+        "--config.num_epochs=3", "--config.log_every_steps=2", "--jax_cache_dir="]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("synthetic") / "data")
+  synthetic.generate_dataset(out, num_patients=24, image_size=75, seed=0)
+  return out
+
+
+def _main(workdir, data_dir, *extra, wait=True):
+  cmd = [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", *TINY, *extra]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  if not wait:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _config(data_dir, **overrides):
+  """The config of TINY, for in-process calls (no interpreter start-up)."""
+  config = demo.get_config()
+  config.data_dir = str(data_dir)
+  config.model.name = "tiny"
+  config.image_size, config.per_device_batch_size, config.num_epochs = 75, 2, 3
+  config.log_every_steps = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  proc = _main(workdir, data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_run_writes_results_checkpoints_and_predictions(uninterrupted, data_dir):
+  workdir, proc = uninterrupted
+  results = json.loads((workdir / "results.json").read_text())
+  for key in ("val_auc", "best_val_auc", "epochs", "steps", "train_images_per_sec", "wall_seconds",
+              "config", "versions"):
+    assert key in results, key
+  assert results["epochs"] == 3 and results["config"]["model"]["name"] == "tiny"
+  assert results["best_val_auc"] == max(h["val_auc"] for h in results["history"])
+  assert results["versions"]["jax"] and results["train_images_per_sec"] > 0
+  assert "images/s" in proc.stderr and "ETA" in proc.stderr  # The progress line.
+  oof = pd.read_csv(workdir / "oof.csv")
+  assert list(oof.columns) == ["image_name", "patient_id", "target", "prediction", "fold"]
+  train = pd.read_csv(os.path.join(data_dir, "train.csv"))
+  assert oof["image_name"].is_unique and set(oof["image_name"]) <= set(train["image_name"])
+  assert oof["prediction"].between(0, 1).all()
+  submission = pd.read_csv(workdir / "submission.csv")
+  test = pd.read_csv(os.path.join(data_dir, "test.csv"))
+  assert list(submission.columns) == ["image_name", "target"]
+  assert list(submission["image_name"]) == list(test["image_name"])
+  assert submission["target"].between(0, 1).all() and submission["target"].nunique() > 1
+  assert (workdir / "roc.png").stat().st_size > 0
+  assert any((workdir / "tensorboard").iterdir())
+  assert sorted(p.name for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit())
+
+
+def test_oof_auc_is_exact(uninterrupted):
+  workdir, _ = uninterrupted
+  oof = pd.read_csv(workdir / "oof.csv")
+  # The best checkpoint's validation AUC, recomputed by sklearn from the written predictions.
+  results = json.loads((workdir / "results.json").read_text())
+  assert sk_metrics.roc_auc_score(oof["target"], oof["prediction"]) == pytest.approx(
+      results["best_val_auc"], abs=1e-6)
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, data_dir, tmp_path):
+  reference, _ = uninterrupted
+  workdir = tmp_path / "killed"
+  proc = _main(workdir, data_dir, wait=False)
+  latest = workdir / "checkpoints" / "latest"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)  # Mid-run: after the first epoch's checkpoint.
+  proc.wait()
+  assert not (workdir / "results.json").exists()
+  resumed = _main(workdir, data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  want = json.loads((reference / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  assert got["history"] == want["history"] and got["steps"] == want["steps"]
+  pd.testing.assert_frame_equal(pd.read_csv(workdir / "submission.csv"), pd.read_csv(reference / "submission.csv"))
+
+
+def test_rerun_of_a_finished_run_does_not_train_again(uninterrupted, data_dir, caplog):
+  workdir, _ = uninterrupted
+  before = json.loads((workdir / "results.json").read_text())
+  with caplog.at_level("INFO"):
+    results = image.train_and_evaluate(_config(data_dir), str(workdir))
+  assert "training already finished" in caplog.text
+  assert results["history"] == before["history"] and results["steps"] == before["steps"]
+
+
+def test_predict_mode_with_tta(uninterrupted, data_dir, tmp_path):
+  workdir, _ = uninterrupted
+  outputs = image.predict(_config(data_dir, tta=True), str(workdir))
+  assert outputs["tta"]
+  submission = pd.read_csv(workdir / "submission.csv")
+  assert submission["target"].between(0, 1).all()
+  with pytest.raises(InputError, match="no best checkpoint to predict with"):
+    image.predict(_config(data_dir), str(tmp_path / "never_trained"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"image_size": 74}, "config.image_size=74: InceptionResNetV2 needs at least 75x75"),
+    ({"global_batch_size": 12}, "config.global_batch_size=12 is not divisible by the 8 local devices"),
+    ({"fold": 5}, "config.fold=5 must be in [0, config.num_folds=5)"),
+    ({"per_device_batch_size": 0}, "config.per_device_batch_size=0 must be >= 1"),
+])
+def test_bad_configs_are_refused(override, message):
+  config = demo.get_config()
+  for key, value in override.items():
+    config[key] = value
+  with pytest.raises(InputError) as error:
+    image.validate_config(config)
+  assert message in str(error.value)
+
+
+def test_missing_data_dir_is_named(tmp_path):
+  with pytest.raises(InputError, match=f"{tmp_path / 'no_such_dir'}: data directory not found"):
+    image.train_and_evaluate(_config(tmp_path / "no_such_dir"), str(tmp_path / "w"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path / "nan")
+  image.train_and_evaluate(_config(data_dir, num_epochs=1), workdir)
+  latest_dir = tmp_path / "nan" / "checkpoints" / "latest"
+  latest = sorted(int(p.name) for p in latest_dir.iterdir() if p.name.isdigit())
+  with pytest.raises(image.NonFiniteLossError) as error:  # Weights overflow float32: an inf/NaN loss.
+    image.train_and_evaluate(_config(data_dir, num_epochs=2, class_weights=(1e39, 1e39)), workdir)
+  message = str(error.value)
+  assert f"at step {latest[-1] + 1};" in message and f"step {latest[-1]})" in message
+  assert sorted(int(p.name) for p in latest_dir.iterdir() if p.name.isdigit()) == latest
+
+
+def test_inception_resnet_v2_trains_through_main(data_dir, tmp_path):
+  """The real classifier: a few pmapped steps on 8 devices, validation, prediction, results.json."""
+  workdir = tmp_path / "irv2"
+  proc = _main(workdir, data_dir, "--config.model.name=inception_resnet_v2", "--config.num_epochs=1",
+               "--config.per_device_batch_size=1", "--config.max_steps_per_epoch=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["steps"] == 2 and results["devices"] == 8 and results["global_batch"] == 8
+  assert np.isfinite(results["val_auc"])
+  assert len(pd.read_csv(workdir / "submission.csv")) == len(pd.read_csv(os.path.join(data_dir, "test.csv")))
