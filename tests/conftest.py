@@ -8,6 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
+
+# Keras reads KERAS_HOME once, at import: an empty one keeps tests off the user's ~/.keras cache.
+os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="melanoma_jax_keras_home_")
 
 import pytest  # noqa: E402
 

@@ -108,17 +108,16 @@ def build_optimizer(config, steps_per_epoch):
 
 
 def initial_state(config, model, tx, rng):
-  sample = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-  state = state_lib.create_train_state(model, tx, rng, sample)
-  if config.model.init_weights:
-    from melanoma_jax.models import keras_weights  # pylint: disable=g-import-not-at-top
-    from melanoma_jax.models.classifier import with_pretrained_backbone  # pylint: disable=g-import-not-at-top
-    backbone = keras_weights.load_keras_weights(config.model.init_weights, num_classes=None)
-    variables = with_pretrained_backbone(state_lib.model_variables(state), backbone)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                          opt_state=tx.init(variables["params"]))
-    logging.info("backbone initialised from %s", config.model.init_weights)
-  return state
+  """Random init, or (config.model.init_weights) converted Keras weights for the backbone + a new head."""
+  if not config.model.init_weights:
+    sample = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    return state_lib.create_train_state(model, tx, rng, sample)
+  from melanoma_jax.models import init_with_pretrained_backbone  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.models import keras_weights  # pylint: disable=g-import-not-at-top
+  backbone = keras_weights.init_backbone_variables(config.model.init_weights, include_top=False)
+  variables = init_with_pretrained_backbone(model, jax.random.fold_in(rng, 1), backbone)
+  logging.info("backbone initialised from %s", config.model.init_weights)
+  return state_lib.create_train_state(model, tx, rng, None, variables=variables)
 
 
 def make_predict_step(model, tta):

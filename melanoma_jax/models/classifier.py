@@ -1,0 +1,121 @@
+"""The melanoma classifier: InceptionResNetV2 features + the seed's dense head, one logit per image.
+
+Variables: params {'backbone': <InceptionResNetV2(num_classes=None) params>, 'head': {dense_0..,
+logit}}, batch_stats {'backbone': ...}; pretrained backbones go in with `with_pretrained_backbone`
+or, skipping the slow random init of the backbone, `init_with_pretrained_backbone`.
+"""
+from typing import Any, Dict, Optional, Sequence
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+
+from melanoma_jax.models.inception_resnet_v2 import FEATURES
+from melanoma_jax.models.inception_resnet_v2 import InceptionResNetV2
+from melanoma_jax.models.inception_resnet_v2 import KERNEL_INIT
+from melanoma_jax.utils.errors import InputError
+
+Variables = Dict[str, Any]
+_TOP = "predictions"
+
+
+class Head(nn.Module):
+  """Dense(size) + ReLU + Dropout for each size, then Dense(1); returns logits [B] in float32."""
+  sizes: Sequence[int] = (512, 256, 64, 16)
+  dropout_rate: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    dense = lambda size, name, dtype: nn.Dense(  # Keras' default initialisers, as in the seed.
+        size, dtype=dtype, param_dtype=jnp.float32, kernel_init=KERNEL_INIT, name=name)
+    for i, size in enumerate(self.sizes):
+      x = nn.relu(dense(size, f"dense_{i}", self.dtype)(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"dropout_{i}")(x)
+    return dense(1, "logit", jnp.float32)(x)[:, 0]
+
+
+class MelanomaClassifier(nn.Module):
+  """InceptionResNetV2 without top, global average pooled, then `Head`.
+
+  Attributes:
+    head_sizes: widths of the hidden Dense layers of the head.
+    dropout_rate: dropout after each hidden Dense layer (rng collection 'dropout').
+    freeze_backbone: backbone BatchNorm in inference mode whatever `train` is, and no gradient
+      flows into the backbone (stop_gradient on its features).
+    dtype: compute dtype; parameters stay float32 and logits are float32.
+    remat: recompute the backbone's residual blocks in the backward pass (saves memory).
+    bn_axis_name: pmap axis over which BatchNorm averages batch statistics in training.
+  """
+  head_sizes: Sequence[int] = (512, 256, 64, 16)
+  dropout_rate: float = 0.1
+  freeze_backbone: bool = False
+  dtype: Any = jnp.float32
+  remat: bool = False
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    """NHWC images in [-1, 1] -> logits [B]."""
+    backbone = InceptionResNetV2(num_classes=None, dtype=self.dtype, remat=self.remat,
+                                 bn_axis_name=self.bn_axis_name, name="backbone")
+    features = backbone(x, train=train and not self.freeze_backbone)
+    if self.freeze_backbone:
+      features = jax.lax.stop_gradient(features)
+    return Head(tuple(self.head_sizes), self.dropout_rate, self.dtype, name="head")(features, train)
+
+
+def _replace_tree(current, new, where: str):
+  """`new` cast to `current`'s dtypes, after checking both have the same paths and shapes."""
+  current = flax.traverse_util.flatten_dict(current, sep="/")
+  new = flax.traverse_util.flatten_dict(new, sep="/")
+  for path, leaf in current.items():
+    if path not in new:
+      raise InputError(f"pretrained backbone lacks {where}/{path}")
+    if tuple(new[path].shape) != tuple(leaf.shape):
+      raise InputError(f"pretrained backbone {where}/{path} has shape {tuple(new[path].shape)}, "
+                       f"the classifier's backbone needs {tuple(leaf.shape)}")
+  for path in new:
+    if path not in current:
+      raise InputError(f"pretrained backbone has {where}/{path}, which the classifier lacks")
+  return flax.traverse_util.unflatten_dict(
+      {path: jnp.asarray(new[path], current[path].dtype) for path in current}, sep="/")
+
+
+def with_pretrained_backbone(variables: Variables, backbone_variables: Variables) -> Variables:
+  """A copy of classifier `variables` with the backbone params and batch_stats replaced.
+
+  Args:
+    variables: MelanomaClassifier variables (or their jax.eval_shape).
+    backbone_variables: InceptionResNetV2(num_classes=None) variables, e.g. from
+      keras_weights.init_backbone_variables(source, include_top=False); a top is ignored.
+
+  Raises:
+    InputError: a path missing on either side or a shape that differs (both shapes named).
+  """
+  out = {collection: dict(tree) for collection, tree in variables.items()}
+  for collection in ("params", "batch_stats"):
+    if collection not in backbone_variables:
+      raise InputError(f"pretrained backbone variables lack the '{collection}' collection")
+    new = {k: v for k, v in backbone_variables[collection].items() if k != _TOP}
+    out[collection]["backbone"] = _replace_tree(variables[collection]["backbone"], new,
+                                                collection)
+  return out
+
+
+def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
+                                  backbone_variables: Variables) -> Variables:
+  """Classifier variables: the given backbone plus a freshly initialised head.
+
+  Same result as `with_pretrained_backbone(model.init(...), backbone_variables)` up to the head's
+  random draw, without drawing (and compiling the draws of) 54M random backbone weights, which
+  takes about a minute on a CPU.
+  """
+  abstract = jax.eval_shape(
+      lambda: model.init({"params": rng, "dropout": rng}, jnp.zeros((1, 75, 75, 3)), train=False))
+  head = Head(tuple(model.head_sizes), model.dropout_rate, model.dtype).init(
+      {"params": rng}, jnp.zeros((1, FEATURES), jnp.float32), train=False)
+  params = dict(abstract["params"])
+  params["head"] = _replace_tree(abstract["params"]["head"], head["params"], "params/head")
+  return with_pretrained_backbone({**abstract, "params": params}, backbone_variables)
