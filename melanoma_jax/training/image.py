@@ -267,6 +267,7 @@ def train_and_evaluate(config, workdir, start_time=None):
       p_step = train_step_for(epoch)
       pending = []  # (step, loss) device scalars fetched every log_every steps: no host sync per step.
       epoch_start = time.time()
+      progress.resume()
       for batch, _ in pipeline.device_batches(pipeline.train_dataset(epoch, int(config.seed)),
                                               data.train_files):
         state, step_metrics = p_step(state, batch)

@@ -12,23 +12,29 @@ def format_seconds(seconds):
 
 
 class Progress:
-  """Measures throughput after the first (compiling) step and prints one line per report."""
+  """Throughput of training steps only: the first (compiling) step and evaluation pauses are left out."""
 
   def __init__(self, total_steps, start_step, images_per_step):
     self.total_steps = total_steps
     self.images_per_step = images_per_step
     self._start_step = start_step
-    self._timed_from = None  # (step, time) once the first step has compiled.
+    self._last = None  # Time of the previous step in the current stretch of training.
+    self._compiled = False
     self.timed_steps = 0
     self.timed_seconds = 0.0
 
+  def resume(self):
+    """Call when training (re)starts after an evaluation: the pause is not counted."""
+    self._last = time.time() if self._compiled else None
+
   def step_done(self, step):
+    del step
     now = time.time()
-    if self._timed_from is None:
-      self._timed_from = (step, now)
-      return
-    self.timed_steps = step - self._timed_from[0]
-    self.timed_seconds = now - self._timed_from[1]
+    if self._compiled and self._last is not None:
+      self.timed_steps += 1
+      self.timed_seconds += now - self._last
+    self._compiled = True
+    self._last = now
 
   @property
   def steps_per_sec(self):

@@ -32,7 +32,11 @@ def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS, f
     global_count = lax.psum(mask.sum(), axis_name)
     has_stats = bool(state.batch_stats)
 
-    def loss_fn(params):
+    frozen_params = {k: v for k, v in state.params.items() if k in frozen}
+
+    def loss_fn(trainable):
+      # Frozen collections enter as constants: no gradient (and no backward pass) is computed for them.
+      params = {**trainable, **frozen_params}
       variables = dict(model_variables(state), params=params)
       out = model.apply(variables, batch["x"], train=True, rngs={"dropout": dropout_rng},
                         mutable=["batch_stats"] if has_stats else False)
@@ -40,8 +44,10 @@ def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS, f
       terms = losses.weighted_bce_terms(logits, batch["y"], weights, label_smoothing)
       return (terms * mask).sum() / jnp.maximum(global_count, 1.0), updates
 
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    trainable = {k: v for k, v in state.params.items() if k not in frozen}
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = lax.psum(grads, axis_name)
+    grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen_params)}
     loss = lax.psum(loss, axis_name)
     new_state = state.apply_gradients(grads=grads, rng=rng)
     if frozen:
