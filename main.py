@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before anything imports TensorFlow.
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -171,11 +171,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
 
 
 def test_inception_resnet_v2_trains_through_main(data_dir, tmp_path):
-  """The real classifier: a few pmapped steps on 8 devices, validation, prediction, results.json."""
+  """The real classifier, its backbone from a Keras weights file: a few pmapped steps on 8 devices."""
+  from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
+  tf()  # TensorFlow with GPUs hidden before Keras loads it.
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  weights = str(tmp_path / "irv2_notop.weights.h5")
+  keras.applications.InceptionResNetV2(weights=None, include_top=False, input_shape=(75, 75, 3)).save_weights(
+      weights)
   workdir = tmp_path / "irv2"
   proc = _main(workdir, data_dir, "--config.model.name=inception_resnet_v2", "--config.num_epochs=1",
-               "--config.per_device_batch_size=1", "--config.max_steps_per_epoch=2")
+               "--config.per_device_batch_size=1", "--config.max_steps_per_epoch=2",
+               f"--config.model.init_weights={weights}", "--config.freeze_backbone_epochs=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"backbone initialised from {weights}" in proc.stderr
   results = json.loads((workdir / "results.json").read_text())
   assert results["steps"] == 2 and results["devices"] == 8 and results["global_batch"] == 8
   assert np.isfinite(results["val_auc"])

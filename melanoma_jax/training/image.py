@@ -246,6 +246,7 @@ def train_and_evaluate(config, workdir, start_time=None):
     logging.info("resumed from %s at epoch %d (step %d)", ckpt.directory, meta["epoch"], int(state.step))
   if meta["epoch"] >= num_epochs:
     logging.info("training already finished (%d epochs)", meta["epoch"])
+  state = steps.replicate(state)
 
   train_steps = {}
 
@@ -268,8 +269,8 @@ def train_and_evaluate(config, workdir, start_time=None):
       pending = []  # (step, loss) device scalars fetched every log_every steps: no host sync per step.
       epoch_start = time.time()
       progress.resume()
-      for batch, _ in pipeline.device_batches(pipeline.train_dataset(epoch, int(config.seed)),
-                                              data.train_files):
+      batches = pipeline.device_batches(pipeline.train_dataset(epoch, int(config.seed)), data.train_files)
+      for batch, _ in steps.prefetch_to_device(batches):
         state, step_metrics = p_step(state, batch)
         step += 1
         pending.append((step, step_metrics["loss"]))
@@ -302,7 +303,8 @@ def train_and_evaluate(config, workdir, start_time=None):
     summaries.close()
   ckpt.close()
 
-  outputs = predict(config, workdir, data=data, split=split, pipeline=pipeline, model=model)
+  outputs = predict(config, workdir, data=data, split=split, pipeline=pipeline, model=model,
+                    p_predict=None if config.tta else p_predict)
   history = meta["history"]
   results = {
       "val_auc": history[-1]["val_auc"] if history else None,
@@ -334,7 +336,7 @@ def _check_finite(pending, ckpt):
 
 
 # ------------------------------------------------------------------------------------------------ prediction
-def predict(config, workdir, data=None, split=None, pipeline=None, model=None):
+def predict(config, workdir, data=None, split=None, pipeline=None, model=None, p_predict=None):
   """Loads the best checkpoint; writes oof.csv + roc.png (validation fold) and submission.csv (test)."""
   validate_config(config)
   data = data or resolve_data(config, workdir)
@@ -350,7 +352,8 @@ def predict(config, workdir, data=None, split=None, pipeline=None, model=None):
   if restored is None:
     raise InputError(f"{ckpt.directory}: no best checkpoint to predict with (train first)")
   state, meta = restored
-  p_predict = make_predict_step(model, tta=bool(config.tta))
+  state = steps.replicate(state)
+  p_predict = p_predict or make_predict_step(model, tta=bool(config.tta))
 
   names, targets, probs = run_inference(p_predict, state, pipeline, pipeline.val_dataset(),
                                         data.train_files, len(split.val_df), "the validation fold")

@@ -5,6 +5,9 @@ its shard, the gradients are summed across devices (`lax.psum`) and every device
 The loss is normalised by the global number of unmasked examples, so the pmapped step equals one step of
 the same model on the whole global batch, padded batches included.
 """
+import collections
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,6 +86,16 @@ def p_eval(eval_step, axis_name=AXIS):
   return jax.pmap(eval_step, axis_name=axis_name, in_axes=(None, 0), out_axes=0)
 
 
+def replicate(state, axis_name=AXIS):
+  """Places a state on every local device as the pmapped step returns it (replicated on its mesh).
+
+  A state from init or a checkpoint lives on one device; feeding it as is would compile the step once for
+  that placement and again for the replicated state the step returns.
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis_name,))
+  return jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
+
+
 def shard_batch(batch, num_devices=None):
   """Reshapes every array's leading global-batch dim to [devices, per_device]."""
   num_devices = num_devices or jax.local_device_count()
@@ -118,3 +131,23 @@ def predict(p_eval_step, state, x, global_batch):
     outputs.append(np.asarray(p_eval_step(state, batch)).reshape(-1)[:len(chunk)])
   return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
+
+
+def prefetch_to_device(items, size=2, axis_name=AXIS):
+  """Yields (batch on the devices, extra) from (sharded numpy batch, extra) items, `size` ahead.
+
+  The host copies the next batches while the devices run the current step.
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis_name,))
+  sharding = jax.NamedSharding(mesh, jax.P(axis_name))
+  queue = collections.deque()
+  items = iter(items)
+
+  def enqueue(n):
+    for batch, extra in itertools.islice(items, n):
+      queue.append((jax.tree.map(lambda x: jax.device_put(x, sharding), batch), extra))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
