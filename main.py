@@ -63,8 +63,12 @@ def run_data_steps(config, workdir):
   else:
     train_df = image.resolve_data(config, workdir).train_df
   fold_ids = folds.assign_folds(train_df, int(config.num_folds), int(config.seed))
-  logging.info("patient-grouped folds:\n%s", folds.fold_summary(train_df, fold_ids).to_string())
-  return {"mode": "data", "images": len(train_df), "patients": int(train_df["patient_id"].nunique())}
+  summary = folds.fold_summary(train_df, fold_ids)
+  logging.info("patient-grouped folds:\n%s", summary.to_string())
+  from melanoma_jax.utils.results import write_results  # pylint: disable=g-import-not-at-top
+  write_results(workdir, {"mode": "data", "images": len(train_df), "malignant": int(train_df["target"].sum()),
+                          "patients": int(train_df["patient_id"].nunique()),
+                          "folds": summary.reset_index().to_dict("records")}, config)
 
 
 def main(argv):
