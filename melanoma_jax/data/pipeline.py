@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 
 from melanoma_jax.data import records
+from melanoma_jax.training.steps import global_batch_size
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
@@ -121,7 +122,7 @@ class ImagePipeline:
     self.config = config
     self.image_size = int(config.image_size)
     self.num_devices = jax.local_device_count()
-    self.global_batch = int(config.per_device_batch_size) * self.num_devices
+    self.global_batch = global_batch_size(config, self.num_devices)
     self.train_names = list(train_names)
     self.val_names = list(val_names)
     self._targets = dict(targets)

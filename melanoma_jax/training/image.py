@@ -35,17 +35,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ config
-def global_batch_size(config, num_devices=None):
-  num_devices = num_devices or jax.local_device_count()
-  requested = int(config.get("global_batch_size", 0) or 0)
-  if requested:
-    if requested % num_devices:
-      raise InputError(f"config.global_batch_size={requested} is not divisible by the {num_devices} "
-                       "local devices")
-    return requested
-  return int(config.per_device_batch_size) * num_devices
-
-
 def validate_config(config):
   """Refuses configs that cannot work, before any data is read or anything compiles."""
   if int(config.image_size) < MIN_IMAGE_SIZE:
@@ -53,7 +42,7 @@ def validate_config(config):
                      f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels")
   if int(config.per_device_batch_size) < 1:
     raise InputError(f"config.per_device_batch_size={config.per_device_batch_size} must be >= 1")
-  global_batch_size(config)
+  steps.global_batch_size(config)
   if int(config.num_epochs) < 1:
     raise InputError(f"config.num_epochs={config.num_epochs} must be >= 1")
   if not 0 <= int(config.fold) < int(config.num_folds):

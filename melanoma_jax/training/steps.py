@@ -19,6 +19,19 @@ from melanoma_jax.training.state import model_variables
 AXIS = "batch"
 
 
+def global_batch_size(config, num_devices=None):
+  """config.global_batch_size if set (it must divide over the devices), else per-device size x devices."""
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  num_devices = num_devices or jax.local_device_count()
+  requested = int(config.get("global_batch_size", 0) or 0)
+  if requested:
+    if requested % num_devices:
+      raise InputError(f"config.global_batch_size={requested} is not divisible by the {num_devices} "
+                       "local devices")
+    return requested
+  return int(config.per_device_batch_size) * num_devices
+
+
 def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS, frozen=()):
   """train_step(state, batch) -> (state, metrics); batch = {'x', 'y', 'mask'}, one device's shard.
 
