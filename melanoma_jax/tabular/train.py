@@ -38,18 +38,6 @@ _MODEL_FIELDS = ("seed", "num_folds", "num_epochs", "per_device_batch_size", "gl
                  "label_smoothing", "class_weights")
 
 
-def global_batch_size(config, num_devices=None):
-  """config.global_batch_size if set (must divide over the devices), else per-device size x devices."""
-  num_devices = num_devices or jax.local_device_count()
-  requested = int(config.get("global_batch_size", 0) or 0)
-  if requested:
-    if requested % num_devices:
-      raise InputError(f"config.global_batch_size={requested} is not divisible by the {num_devices} "
-                       "local devices")
-    return requested
-  return int(config.per_device_batch_size) * num_devices
-
-
 def validate_config(config):
   """Refuses configs that cannot work, before any data is read."""
   if int(config.num_epochs) < 1:
@@ -62,7 +50,7 @@ def validate_config(config):
     raise InputError(f"config.dropout_rate={config.dropout_rate} must be in [0, 1)")
   if config.class_weights is not None and len(config.class_weights) != 2:
     raise InputError(f"config.class_weights={config.class_weights} must be None or (w_neg, w_pos)")
-  global_batch_size(config)
+  steps.global_batch_size(config)
 
 
 def load_tables(config):
@@ -109,8 +97,9 @@ class _Trainer:
     self.config = config
     self.model = MLP(hidden_sizes=tuple(config.hidden_sizes), dropout_rate=float(config.dropout_rate))
     self.tx = optax.adam(float(config.learning_rate))
-    self.global_batch = global_batch_size(config)
+    self.global_batch = steps.global_batch_size(config)
     self.p_eval = steps.p_eval(steps.make_eval_step(self.model))
+    self._init = jax.jit(lambda rng, x: self.model.init({"params": rng}, x, train=False))
     self._p_train = {}  # class weights -> pmapped step (the weights are compiled in).
 
   def p_train(self, class_weights):
@@ -121,21 +110,24 @@ class _Trainer:
     return self._p_train[key]
 
   def init_state(self, fold, num_features):
+    """The fold's initial state (seeded by config.seed and the fold); compiled once per feature count."""
     rng = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), fold)
-    return state_lib.create_train_state(self.model, self.tx, rng, np.zeros((1, num_features), np.float32))
+    init_rng, state_rng = jax.random.split(rng)
+    sample_x = np.zeros((1, num_features), np.float32)
+    return state_lib.create_train_state(self.model, self.tx, state_rng, sample_x,
+                                        variables=self._init(init_rng, sample_x))
 
   def predict(self, state, x):
     """Probabilities (float64) for every row of x."""
     logits = steps.predict(self.p_eval, state, x, self.global_batch).astype(np.float64)
     return 1.0 / (1.0 + np.exp(-logits))
 
-  def fit(self, fold, x, y, x_val, y_val):
-    """Trains with early stopping on validation AUC; returns (best host state, details dict)."""
+  def fit(self, fold, state, x, y, x_val, y_val):
+    """Trains `state` with early stopping on validation AUC; returns (best host state, details dict)."""
     config = self.config
     weights = (tuple(config.class_weights) if config.class_weights is not None
                else losses.class_weights(y))
     p_train = self.p_train(weights)
-    state = self.init_state(fold, x.shape[1])
     rng = np.random.default_rng([int(config.seed), fold])
     best_auc, best_state, best_epoch, bad_epochs, rows_per_epoch = -1.0, None, 0, 0, []
     start_epoch = min(int(config.early_stopping_start_epoch), int(config.num_epochs))
@@ -172,7 +164,8 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
   try:
     preprocessor = features.fit(train_df, bool(config.patient_context))
     num_features = len(preprocessor.columns)
-    restored = checkpointer.restore_best(trainer.init_state(fold, num_features))
+    initial = trainer.init_state(fold, num_features)
+    restored = checkpointer.restore_best(initial)
     if restored is not None and restored[1].get("fingerprint") != fingerprint:
       raise InputError(f"{checkpointer.directory} holds a model from another config or data; "
                        "use a new --workdir")
@@ -193,7 +186,7 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
                    "%d validation rows, %d features", fold, train_rows, int(train_df["target"].sum()),
                    len(x), "on" if config.smote else "off", len(x_val), num_features)
       start = time.time()
-      state, details = trainer.fit(fold, x, y, x_val, y_val)
+      state, details = trainer.fit(fold, initial, x, y, x_val, y_val)
       details.update(fold=fold, train_rows=train_rows, trained_rows=len(x), validation_rows=len(x_val),
                      fit_seconds=time.time() - start, feature_columns=list(preprocessor.columns),
                      preprocessor=preprocessor.to_dict(), fingerprint=fingerprint)
