@@ -232,6 +232,29 @@ def test_oof_auc_and_fold_aucs_match_sklearn(cv_run):
   assert os.path.getsize(cv_run["workdir"] / "roc.png") > 0
 
 
+def test_each_fold_model_is_calibrated_on_its_training_rows(cv_run, data_dir):
+  # SMOTE to 1:1 leaves raw outputs near a 50% malignant rate; Platt scaling fitted on the fold's own
+  # original training rows brings them back to the real rate, so the fold's training rows reproduce it
+  # (a logistic fit with an intercept matches the mean exactly) and validation rows come close.
+  train_df = metadata.load_metadata(data_dir / "train.csv")
+  oof = cv_run["oof"]
+  for detail in cv_run["results"]["folds"]:
+    a, b = detail["calibration"]["a"], detail["calibration"]["b"]
+    assert a > 0  # Monotonic increasing: the fold's ranking (and AUC) is unchanged.
+    training = train_df[(oof["fold"] != detail["fold"]).to_numpy()]
+    validation = oof[oof["fold"] == detail["fold"]]
+    assert abs(validation["prediction"].mean() - training["target"].mean()) < 0.1
+  assert oof["prediction"].mean() == pytest.approx(oof["target"].mean(), abs=0.05)
+
+
+def test_platt_scaling_recovers_a_known_calibration():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0.0, 2.0, 20000)
+  y = (rng.uniform(size=logits.size) < 1.0 / (1.0 + np.exp(-(0.5 * logits - 3.0)))).astype(int)
+  a, b = train.fit_platt(logits, y)
+  assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-3.0, abs=0.15)
+
+
 def test_submission_has_one_probability_per_test_row(cv_run, data_dir):
   test_df = metadata.load_metadata(data_dir / "test.csv", "test")
   submission = cv_run["submission"]

@@ -35,7 +35,7 @@ from melanoma_jax.utils.results import write_results
 _MODEL_FIELDS = ("seed", "num_folds", "num_epochs", "per_device_batch_size", "global_batch_size",
                  "learning_rate", "dropout_rate", "hidden_sizes", "patient_context", "smote",
                  "smote_k_neighbors", "early_stopping_patience", "early_stopping_start_epoch",
-                 "label_smoothing", "class_weights")
+                 "label_smoothing", "class_weights")  # calibrate: applied after, never saved.
 
 
 def validate_config(config):
@@ -71,6 +71,19 @@ def smote_resample(x, y, seed, k_neighbors=5):
   return np.asarray(x_s, np.float32), np.asarray(y_s, np.float32)
 
 
+def fit_platt(logits, y):
+  """(a, b) of p = sigmoid(a * logit + b) fitted by maximum likelihood (Platt scaling).
+
+  Fitted on a fold's own original training rows: SMOTE (1:1) and class weights move the model's
+  probabilities far from the real malignant rate, differently for each early-stopped fold model, so
+  without it the fold models' outputs are neither probabilities nor comparable when pooled (out-of-fold
+  AUC) or averaged (submission). Monotonic, so it never changes a fold's own AUC.
+  """
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  model = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(logits, np.float64)[:, None], y)
+  return float(model.coef_[0, 0]), float(model.intercept_[0])
+
+
 def epoch_batches(x, y, global_batch, rng):
   """Every row once in a shuffled order, as sharded batches; the last one padded with mask 0."""
   order = rng.permutation(len(x))
@@ -88,6 +101,10 @@ def _fingerprint(config, train_df):
   digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode())
   digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
   return digest.hexdigest()[:16]
+
+
+def _sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
 
 
 class _Trainer:
@@ -117,10 +134,13 @@ class _Trainer:
     return state_lib.create_train_state(self.model, self.tx, state_rng, sample_x,
                                         variables=self._init(init_rng, sample_x))
 
+  def logits(self, state, x):
+    """Logits (float64) for every row of x."""
+    return steps.predict(self.p_eval, state, x, self.global_batch).astype(np.float64)
+
   def predict(self, state, x):
     """Probabilities (float64) for every row of x."""
-    logits = steps.predict(self.p_eval, state, x, self.global_batch).astype(np.float64)
-    return 1.0 / (1.0 + np.exp(-logits))
+    return _sigmoid(self.logits(state, x))
 
   def fit(self, fold, state, x, y, x_val, y_val):
     """Trains `state` with early stopping on validation AUC; returns (best host state, details dict)."""
@@ -194,9 +214,15 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
       details["resumed"] = False
   finally:
     checkpointer.close()
-  val_pred = trainer.predict(state, preprocessor.transform(val_df))
-  test_pred = trainer.predict(state, preprocessor.transform(test_df))
-  return val_pred, test_pred, details
+  val_logits = trainer.logits(state, preprocessor.transform(val_df))
+  test_logits = trainer.logits(state, preprocessor.transform(test_df))
+  if config.get("calibrate", False):
+    a, b = fit_platt(trainer.logits(state, preprocessor.transform(train_df)), train_df["target"].to_numpy())
+    details = dict(details, calibration={"a": a, "b": b})
+    logging.info("fold %d: Platt scaling on its %d training rows: p = sigmoid(%.3f * logit %+.3f)", fold,
+                 len(train_df), a, b)
+    val_logits, test_logits = a * val_logits + b, a * test_logits + b
+  return _sigmoid(val_logits), _sigmoid(test_logits), details
 
 
 def run(config, workdir):
