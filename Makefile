@@ -25,5 +25,15 @@ demo: $(STAMP)
 	$(PY) main.py --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 	@echo "demo outputs: $(DEMO_WORKDIR)/results.json submission.csv oof.csv roc.png data/contact_sheet.png tensorboard/"
 
+# Speed, not correctness (not part of `make test`): each script prints one JSON line, also kept in $(BENCH_DIR).
+BENCH_DIR ?= runs/bench
+bench: $(STAMP)
+	mkdir -p $(BENCH_DIR)
+	$(PY) benchmarks/train_step.py --out $(BENCH_DIR)/train_step.json
+	$(PY) benchmarks/input_pipeline.py --out $(BENCH_DIR)/input_pipeline.json
+	$(PY) benchmarks/eval_step.py --out $(BENCH_DIR)/eval_step.json
+	$(PY) benchmarks/synthetic_throughput.py > $(BENCH_DIR)/synthetic_throughput.json
+	$(PY) benchmarks/tabular_cv.py --workdir=$(BENCH_DIR)/tabular --baselines
+
 clean:
 	rm -rf $(VENV) .pytest_cache

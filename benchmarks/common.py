@@ -1,0 +1,134 @@
+"""Helpers shared by the benchmarks: model state without a slow random init, timing, JSON output.
+
+Benchmarks measure speed, not learning, so variables are drawn with numpy (scaled like a fan-in
+initialiser, BatchNorm variances at 1) instead of `model.init`, which takes about a minute on CPU.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def machine() -> str:
+  """A one-line description of where the numbers come from."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})"
+  return f"{jax.local_device_count()} x {device.device_kind}"
+
+
+def abstract_variables(model, size):
+  """jax.eval_shape of `model.init` on one size x size image (no compute)."""
+  return jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
+                                           jnp.zeros((1, size, size, 3)), train=False))
+
+
+def filled_variables(model, size, seed=0):
+  """Variables of `model` with fan-in scaled normal weights, zero biases and means, unit variances."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['var']"):
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name.endswith("['bias']") or name.endswith("['mean']"):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) or 1
+    values = rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
+    return jnp.asarray(values, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract_variables(model, size))
+
+
+def replicated(tree, axis_name="batch"):
+  """`tree` placed as jax.pmap(out_axes=None) returns it, so the second call does not recompile.
+
+  A pmapped step with an unreplicated state in and out compiles twice when its first input state
+  has another sharding than the state it returns (measured: a second full compile).
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis_name,))
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def flops(compiled):
+  """FLOPs of one execution of a compiled (per-device) program, from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
+    analysis = analysis[0]
+  return float(analysis.get("flops", 0.0))
+
+
+def memory(compiled):
+  """GiB a compiled program needs per device: arguments, outputs (less donated aliases), temporaries."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  gib = 1024.0 ** 3
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+           + stats.temp_size_in_bytes)
+  return {"total": round(total / gib, 3), "temp": round(stats.temp_size_in_bytes / gib, 3),
+          "arguments": round(stats.argument_size_in_bytes / gib, 3)}
+
+
+def random_images(global_batch, size, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.uniform(-1.0, 1.0, (global_batch, size, size, 3)).astype(np.float32)
+
+
+def timed(fn):
+  """(seconds, result) of fn(), the result blocked on."""
+  start = time.perf_counter()
+  result = jax.block_until_ready(fn())
+  return time.perf_counter() - start, result
+
+
+def throughput(images_per_step, step_seconds):
+  """Images/s from the median step time (robust to a stray slow step on a shared machine)."""
+  return images_per_step / statistics.median(step_seconds)
+
+
+def emit(result, out=None):
+  """Prints `result` as the last line (one JSON object) and writes it to `out` if given."""
+  line = json.dumps(result, sort_keys=False)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+
+
+# glibc malloc settings that keep freed memory mapped: XLA's CPU runtime allocates its buffers for
+# every execution, and by default glibc returns large ones to the kernel (mmap/munmap), so every
+# step page-faults its whole working set in again (about a million faults and a fifth of the CPU
+# time of a 299x299 batch-8 training step, measured with perf on 2 cores).
+KEEP_MEMORY_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000:"
+                        "glibc.malloc.arena_max=1")
+
+
+def reexec_with_malloc_tunables(enabled):
+  """Restarts this process once with KEEP_MEMORY_TUNABLES (glibc reads them only at start).
+
+  Subprocesses (the Keras workers) inherit them, so both sides run under the same allocator.
+  """
+  current = os.environ.get("GLIBC_TUNABLES", "")
+  if not enabled or KEEP_MEMORY_TUNABLES in current or platform.system() != "Linux":
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (current, KEEP_MEMORY_TUNABLES) if t))
+  os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def log(*args):
+  print(*args, file=sys.stderr, flush=True)
