@@ -131,6 +131,41 @@ def test_identity_affine_keeps_the_image():
   assert np.isfinite(matrix).all() and matrix.shape == (8,)
 
 
+def test_fused_colour_jitter_equals_the_operations_in_turn():
+  config = _config()
+  aug = config.augment
+  aug.flip, aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = False, 0.0, 0.0, 0.0, 0.0
+  aug.brightness, aug.contrast, aug.saturation = 0.1, 0.2, 0.3
+  tf_ = tf()
+  image = tf_.constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32))
+  for k in range(4):
+    seed = tf_.constant([k, 7], tf_.int64)
+    seeds = tf_.random.experimental.stateless_split(seed, 6)
+    x = image + tf_.random.stateless_uniform([], seeds[3], -0.1, 0.1) * 255.0
+    mean = tf_.reduce_mean(x, axis=[0, 1], keepdims=True)
+    x = (x - mean) * tf_.random.stateless_uniform([], seeds[4], 0.8, 1.2) + mean
+    grey = tf_.reduce_mean(x, axis=-1, keepdims=True)
+    x = (x - grey) * tf_.random.stateless_uniform([], seeds[5], 0.7, 1.3) + grey
+    expected = tf_.clip_by_value(x, 0.0, 255.0).numpy()
+    np.testing.assert_allclose(pipeline.augment(image, seed, aug).numpy(), expected, atol=1e-3)
+
+
+def test_flips_folded_into_the_affine_are_exact_and_all_occur():
+  config = _config()
+  aug = config.augment
+  aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 0.0, 0.0, 0.0, 0.0
+  aug.flip, aug.brightness, aug.contrast, aug.saturation = True, 0.0, 0.0, 0.0
+  image = np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
+  views = {"none": image, "left-right": image[:, ::-1], "up-down": image[::-1], "both": image[::-1, ::-1]}
+  seen = set()
+  for k in range(16):
+    out = pipeline.augment(tf().constant(image), tf().constant([k, 1], tf().int64), aug).numpy()
+    matches = [name for name, view in views.items() if np.abs(out - view).max() < 1e-3]
+    assert len(matches) == 1, k
+    seen.add(matches[0])
+  assert seen == set(views)
+
+
 def test_corrupt_jpeg_is_named(tmp_path, dataset):
   train, _, _, _ = dataset
   rows = train.head(20)

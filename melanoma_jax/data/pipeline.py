@@ -57,8 +57,12 @@ def scale_for_inception(image):
   return image / 127.5 - 1.0
 
 
-def _affine_matrix(seed, size, aug):
-  """A random output->input projective transform (rotation, shear, zoom, shift) as the 8 TF parameters."""
+def _affine_matrix(seed, size, aug, flip_lr=None, flip_ud=None):
+  """A random output->input projective transform (flips, rotation, shear, zoom, shift) as the 8 TF parameters.
+
+  `flip_lr` / `flip_ud`: boolean scalars; the flips are folded into the same transform, so they cost
+  nothing beyond the one resampling pass.
+  """
   tf_ = tf()
   u = tf_.random.stateless_uniform([6], seed=seed, minval=-1.0, maxval=1.0)
   deg = math.pi / 180.0
@@ -70,7 +74,11 @@ def _affine_matrix(seed, size, aug):
   shift_y = u[5] * aug.shift * size
   c, s = tf_.cos(rotation), tf_.sin(rotation)
   one, zero = tf_.ones([]), tf_.zeros([])
-  # Forward map (input -> output) about the image centre: rotate, shear, zoom; its inverse samples the input.
+  sign = lambda flip: one if flip is None else tf_.where(flip, -one, one)
+  # Forward map (input -> output) about the image centre: flip, zoom, shear, rotate; its inverse samples
+  # the input.
+  flips = tf_.reshape(tf_.stack([sign(flip_lr), zero, zero, zero, sign(flip_ud), zero, zero, zero, one]),
+                      [3, 3])
   rot = tf_.reshape(tf_.stack([c, -s, zero, s, c, zero, zero, zero, one]), [3, 3])
   shr = tf_.reshape(tf_.stack([one, tf_.tan(shear), zero, zero, one, zero, zero, zero, one]), [3, 3])
   zm = tf_.reshape(tf_.stack([zoom_x, zero, zero, zero, zoom_y, zero, zero, zero, one]), [3, 3])
@@ -78,35 +86,56 @@ def _affine_matrix(seed, size, aug):
   to_centre = tf_.reshape(tf_.stack([one, zero, -half, zero, one, -half, zero, zero, one]), [3, 3])
   back = tf_.reshape(tf_.stack([one, zero, half + shift_x, zero, one, half + shift_y, zero, zero, one]),
                      [3, 3])
-  forward = back @ rot @ shr @ zm @ to_centre
+  forward = back @ rot @ shr @ zm @ flips @ to_centre
   inverse = tf_.linalg.inv(forward)
   inverse = inverse / inverse[2, 2]
   return tf_.reshape(inverse, [9])[:8]
 
 
+def _colour_map(image, seeds, aug):
+  """Brightness, contrast and saturation jitter as one per-pixel affine colour map, applied in one pass.
+
+  Equal to applying them one after another: brightness adds b; contrast scales about the (shifted)
+  per-channel mean by c; saturation scales about the per-pixel grey (channel mean) by s. Composed:
+  out = c * s * x + c * (1 - s) * grey(x) + d, with d from the per-channel mean, b, c and s.
+  """
+  tf_ = tf()
+  b = (tf_.random.stateless_uniform([], seeds[3], -aug.brightness, aug.brightness) * 255.0
+       if aug.brightness else tf_.zeros([]))
+  c = (tf_.random.stateless_uniform([], seeds[4], 1.0 - aug.contrast, 1.0 + aug.contrast)
+       if aug.contrast else tf_.ones([]))
+  s = (tf_.random.stateless_uniform([], seeds[5], 1.0 - aug.saturation, 1.0 + aug.saturation)
+       if aug.saturation else tf_.ones([]))
+  mean = tf_.reduce_mean(image, axis=[0, 1]) if aug.contrast else tf_.zeros([3])
+  e = mean * (1.0 - c) + b  # After brightness and contrast: c * x + e.
+  d = s * e + (1.0 - s) * tf_.reduce_mean(e)
+  out = (c * s) * image + d
+  if aug.saturation:
+    out = out + (c * (1.0 - s)) * tf_.reduce_mean(image, axis=-1, keepdims=True)
+  return out
+
+
 def augment(image, seed, aug):
-  """One fused random affine (reflect fill, bilinear), flips and mild colour jitter; image in [0, 255]."""
+  """One fused random affine with flips (reflect fill, bilinear), then one fused colour jitter; [0, 255].
+
+  Two passes over the image instead of one per operation: at 1024x1024 the separate flips and colour
+  ops cost as much as the affine resampling itself (measured, benchmarks/input_pipeline.py).
+  """
   tf_ = tf()
   size = tf_.shape(image)[0]
   seeds = tf_.random.experimental.stateless_split(seed, 6)
-  if aug.rotation_deg or aug.shear_deg or aug.zoom or aug.shift:
-    transform = _affine_matrix(seeds[0], tf_.cast(size, tf_.float32), aug)
+  geometric = bool(aug.rotation_deg or aug.shear_deg or aug.zoom or aug.shift)
+  if geometric or aug.flip:
+    flip_lr = flip_ud = None
+    if aug.flip:
+      flip_lr = tf_.random.stateless_uniform([], seeds[1]) < 0.5
+      flip_ud = tf_.random.stateless_uniform([], seeds[2]) < 0.5
+    transform = _affine_matrix(seeds[0], tf_.cast(size, tf_.float32), aug, flip_lr, flip_ud)
     image = tf_.raw_ops.ImageProjectiveTransformV3(
         images=image[None], transforms=transform[None], output_shape=tf_.shape(image)[:2],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")[0]
-  if aug.flip:
-    image = tf_.image.stateless_random_flip_left_right(image, seeds[1])
-    image = tf_.image.stateless_random_flip_up_down(image, seeds[2])
-  if aug.brightness:
-    image = image + tf_.random.stateless_uniform([], seeds[3], -aug.brightness, aug.brightness) * 255.0
-  if aug.contrast:
-    factor = tf_.random.stateless_uniform([], seeds[4], 1.0 - aug.contrast, 1.0 + aug.contrast)
-    mean = tf_.reduce_mean(image, axis=[0, 1], keepdims=True)
-    image = (image - mean) * factor + mean
-  if aug.saturation:
-    factor = tf_.random.stateless_uniform([], seeds[5], 1.0 - aug.saturation, 1.0 + aug.saturation)
-    grey = tf_.reduce_mean(image, axis=-1, keepdims=True)
-    image = (image - grey) * factor + grey
+  if aug.brightness or aug.contrast or aug.saturation:
+    image = _colour_map(image, seeds, aug)
   return tf_.clip_by_value(image, 0.0, 255.0)
 
 
