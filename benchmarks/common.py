@@ -53,16 +53,6 @@ def filled_variables(model, size, seed=0):
   return jax.tree_util.tree_map_with_path(fill, abstract_variables(model, size))
 
 
-def replicated(tree, axis_name="batch"):
-  """`tree` placed as jax.pmap(out_axes=None) returns it, so the second call does not recompile.
-
-  A pmapped step with an unreplicated state in and out compiles twice when its first input state
-  has another sharding than the state it returns (measured: a second full compile).
-  """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis_name,))
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
 def flops(compiled):
   """FLOPs of one execution of a compiled (per-device) program, from XLA's cost analysis."""
   analysis = compiled.cost_analysis()
