@@ -53,6 +53,22 @@ def filled_variables(model, size, seed=0):
   return jax.tree_util.tree_map_with_path(fill, abstract_variables(model, size))
 
 
+def train_state(model, size, global_batch):
+  """A TrainState (Adam) of `model` with `filled_variables`, placed as the pmapped steps return it.
+
+  Exits with a message unless `global_batch` splits evenly over the local devices.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  devices = jax.local_device_count()
+  if global_batch % devices:
+    raise SystemExit(f"--global_batch {global_batch} is not divisible by {devices} devices")
+  state = state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0), None,
+                                       variables=filled_variables(model, size))
+  return steps.replicate(state)  # As the step returns it: no second compile.
+
+
 def flops(compiled):
   """FLOPs of one execution of a compiled (per-device) program, from XLA's cost analysis."""
   analysis = compiled.cost_analysis()

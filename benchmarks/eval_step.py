@@ -11,7 +11,6 @@ The last line printed is one JSON object (images/s).
 """
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,24 +36,16 @@ def measure(model, state, images, tta, steps):
   batch = steps_lib.shard_batch({"x": images})
   first_s, _ = common.timed(lambda: predict(state, batch))
   times = [common.timed(lambda: predict(state, batch))[0] for _ in range(steps)]
-  return first_s, len(images) / statistics.median(times)
+  return first_s, common.throughput(len(images), times)
 
 
 def main(argv=None):
   args = parse_args(argv)
   common.reexec_with_malloc_tunables(True)
-  import optax  # pylint: disable=g-import-not-at-top
   from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   jax = common.jax
-  if args.global_batch % jax.local_device_count():
-    raise SystemExit(f"--global_batch {args.global_batch} is not divisible by "
-                     f"{jax.local_device_count()} devices")
   model = MelanomaClassifier(dtype=common.DTYPES[args.dtype])
-  state = state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0), None,
-                                       variables=common.filled_variables(model, args.size))
-  state = steps_lib.replicate(state)
+  state = common.train_state(model, args.size, args.global_batch)
   images = common.random_images(args.global_batch, args.size)
   result = {"name": "eval_step", "size": args.size, "global_batch": args.global_batch,
             "dtype": args.dtype, "machine": common.machine(), "devices": jax.local_device_count()}

@@ -60,20 +60,13 @@ class OursBench:
   """Our pmapped train step on a fixed batch; `first_step_s` includes compilation."""
 
   def __init__(self, args):
-    import optax  # pylint: disable=g-import-not-at-top
     from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
-    from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
     from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
     jax, np = common.jax, common.np
     devices = jax.local_device_count()
-    if args.global_batch % devices:
-      raise SystemExit(f"--global_batch {args.global_batch} is not divisible by {devices} devices")
     model = MelanomaClassifier(dtype=common.DTYPES[args.dtype], remat=args.remat,
                                bn_axis_name=steps.AXIS)
-    variables = common.filled_variables(model, args.size)
-    state = state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0), None,
-                                         variables=variables)
-    self.state = steps.replicate(state)  # As the step returns it: no second compile.
+    self.state = common.train_state(model, args.size, args.global_batch)
     self.step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)))
     labels = (np.arange(args.global_batch) % 2).astype(np.float32)
     # Host arrays, as Keras gets them: the host-to-device copy is part of every step.
