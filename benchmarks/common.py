@@ -16,6 +16,7 @@ if REPO not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
+import jax.extend  # ClosedJaxpr, Jaxpr (jaxpr_flops)
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,11 +71,50 @@ def train_state(model, size, global_batch):
 
 
 def flops(compiled):
-  """FLOPs of one execution of a compiled (per-device) program, from XLA's cost analysis."""
+  """FLOPs of one execution of a compiled (per-device) program, from XLA's cost analysis (None: none)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older JAX: one dict per program.
-    analysis = analysis[0]
-  return float(analysis.get("flops", 0.0))
+    analysis = analysis[0] if analysis else None
+  if not analysis or "flops" not in analysis:
+    return None
+  return float(analysis["flops"])
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for item in (value if isinstance(value, (list, tuple)) else (value,)):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _eqn_flops(eqn):
+  """2 x multiply-adds of a dot_general or conv_general_dilated equation; 0 for anything else."""
+  if eqn.primitive.name == "dot_general":
+    lhs = eqn.invars[0].aval.shape
+    (contracting, _), _ = eqn.params["dimension_numbers"]
+    return 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracting])
+  if eqn.primitive.name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, spatial...)
+    per_output = rhs[rhs_spec[1]] * np.prod([rhs[d] for d in rhs_spec[2:]])
+    return 2.0 * np.prod(eqn.outvars[0].aval.shape) * per_output
+  return 0.0
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """FLOPs of the matrix products and convolutions of a jaxpr, sub-jaxprs (pmap, remat, ...) included.
+
+  Backend-independent model FLOPs: XLA:GPU's cost analysis leaves out the convolutions it hands to
+  cuDNN (it reported 7.6 GFLOPs per 299x299 training image against XLA:CPU's 79.5).
+  """
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    total += _eqn_flops(eqn)
+    for sub in _sub_jaxprs(eqn.params):
+      total += jaxpr_flops(sub)
+  return total
 
 
 def memory(compiled):

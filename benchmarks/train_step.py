@@ -42,6 +42,8 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=2, help="alternations per Keras backend")
   parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
   parser.add_argument("--remat", action="store_true", help="recompute residual blocks (ours)")
+  parser.add_argument("--kernel_grad", choices=("auto", "im2col", "xla"), default="auto",
+                      help="spatial-convolution kernel gradient (ours; auto = im2col on CPU)")
   parser.add_argument("--keras", default="tf,tf_xla,jax",
                       help="comma-separated Keras backends to compare with (tf, tf_xla, jax) or 'none'")
   parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
@@ -65,7 +67,7 @@ class OursBench:
     jax, np = common.jax, common.np
     devices = jax.local_device_count()
     model = MelanomaClassifier(dtype=common.DTYPES[args.dtype], remat=args.remat,
-                               bn_axis_name=steps.AXIS)
+                               kernel_grad=getattr(args, "kernel_grad", "auto"), bn_axis_name=steps.AXIS)
     self.state = common.train_state(model, args.size, args.global_batch)
     self.step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)))
     labels = (np.arange(args.global_batch) % 2).astype(np.float32)
@@ -81,7 +83,8 @@ class OursBench:
     compiled = self.step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
     self.step = compiled
-    self.flops_per_step = common.flops(compiled) * devices
+    flops = common.flops(compiled)
+    self.flops_per_step = flops * devices if flops is not None else None
     self.memory = common.memory(compiled)
     if args.compile_only:
       self.first_step_s = self.second_step_s = float("nan")
@@ -208,7 +211,8 @@ def main(argv=None):
   ours = OursBench(args)
   if args.compile_only:
     result.update(devices=ours.devices, xla_compile_s=round(ours.compile_s, 1),
-                  gflops_per_image=round(ours.flops_per_step / args.global_batch / 1e9, 2),
+                  gflops_per_image=(round(ours.flops_per_step / args.global_batch / 1e9, 2)
+                                    if ours.flops_per_step else None),
                   memory_gib=ours.memory)
     common.emit(result, args.out)
     return
@@ -250,7 +254,8 @@ def main(argv=None):
   result["ratio_vs_keras_tf_xla"] = round(ratios["tf_xla"], 3) if "tf_xla" in ratios else None
   result["compile_s"] = round(ours.first_step_s, 1)  # Compile + first execution.
   result["xla_compile_s"] = round(ours.compile_s, 1)
-  result["gflops_per_image"] = round(ours.flops_per_step / args.global_batch / 1e9, 2)
+  result["gflops_per_image"] = (round(ours.flops_per_step / args.global_batch / 1e9, 2)
+                                if ours.flops_per_step else None)
   result["memory_gib"] = ours.memory
   result["second_step_s"] = round(ours.second_step_s, 2)
   result["step_s"] = round(statistics.median(ours_all), 3)

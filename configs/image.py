@@ -51,7 +51,12 @@ def get_config():
   config.model.head_sizes = (512, 256, 64, 16)
   config.model.dropout_rate = 0.1
   config.model.dtype = "bfloat16"  # Compute dtype; parameters, BatchNorm statistics and the loss stay float32.
-  config.model.remat = True  # Recompute residual blocks in the backward pass: 1024x1024 x 16 fits memory.
+  # Recompute residual blocks in the backward pass: 1024x1024 x 16 per device in 11.9 GiB instead of 21.7
+  # (bfloat16, measured on an H100), at 16% of the throughput; False on devices with 24 GiB or more.
+  config.model.remat = True
+  # Kernel gradient of the spatial convolutions: "auto" = im2col on the CPU (faster there), XLA's own
+  # (cuDNN) on a GPU; "im2col" or "xla" to force one. Same values either way.
+  config.model.kernel_grad = "auto"
 
   # The seed's schedule: linear ramp lr_start -> lr_max over warmup_epochs, then lr *= decay each epoch.
   config.optimizer = ml_collections.ConfigDict()

@@ -27,11 +27,12 @@ def _loss_and_grads(module, variables, x):
   return y, grads
 
 
+@pytest.mark.parametrize("im2col_grad", [False, True])
 @pytest.mark.parametrize("shape,kernel,strides,padding", CASES)
-def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding):
+def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding, im2col_grad):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   reference = nn.Conv(6, kernel, strides=strides, padding=padding, use_bias=False)
-  ours = conv.SpatialConv(6, kernel, strides=strides, padding=padding)
+  ours = conv.SpatialConv(6, kernel, strides=strides, padding=padding, im2col_grad=im2col_grad)
   variables = reference.init(jax.random.PRNGKey(1), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, variables)
   y_ref, (dp_ref, dx_ref) = _loss_and_grads(reference, variables, x)
@@ -58,9 +59,10 @@ def test_pointwise_conv_matches_nn_conv(use_bias):
     np.testing.assert_allclose(dp[name], dp_ref[name], rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_compute_keeps_float32_parameters_and_gradients():
+@pytest.mark.parametrize("im2col_grad", [False, True])
+def test_bfloat16_compute_keeps_float32_parameters_and_gradients(im2col_grad):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 4))
-  ours = conv.SpatialConv(6, (3, 3), dtype=jnp.bfloat16)
+  ours = conv.SpatialConv(6, (3, 3), dtype=jnp.bfloat16, im2col_grad=im2col_grad)
   variables = ours.init(jax.random.PRNGKey(1), x)
   y, (dp, _) = _loss_and_grads(ours, variables, x)
   assert variables["params"]["kernel"].dtype == jnp.float32 and dp["kernel"].dtype == jnp.float32
@@ -69,3 +71,12 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients():
   _, (dp_ref, _) = _loss_and_grads(reference, variables, x)
   scale = float(jnp.abs(dp_ref["kernel"]).max())
   assert float(jnp.abs(dp["kernel"] - dp_ref["kernel"]).max()) < 0.05 * scale
+
+
+def test_kernel_gradient_choice_follows_the_backend_unless_named():
+  from melanoma_jax.models import inception_resnet_v2 as irv2  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  assert irv2.use_im2col_grad("auto") == (jax.default_backend() == "cpu")
+  assert irv2.use_im2col_grad("im2col") and not irv2.use_im2col_grad("xla")
+  with pytest.raises(InputError, match="kernel_grad='cudnn' must be one of auto, im2col, xla"):
+    irv2.use_im2col_grad("cudnn")

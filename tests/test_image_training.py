@@ -143,11 +143,16 @@ def test_predict_mode_with_tta(uninterrupted, data_dir, tmp_path):
     ({"global_batch_size": 12}, "config.global_batch_size=12 is not divisible by the 8 local devices"),
     ({"fold": 5}, "config.fold=5 must be in [0, config.num_folds=5)"),
     ({"per_device_batch_size": 0}, "config.per_device_batch_size=0 must be >= 1"),
+    ({"model.kernel_grad": "cudnn"}, "config.model.kernel_grad='cudnn' must be one of auto, im2col, xla"),
 ])
 def test_bad_configs_are_refused(override, message):
   config = demo.get_config()
   for key, value in override.items():
-    config[key] = value
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
   with pytest.raises(InputError) as error:
     image.validate_config(config)
   assert message in str(error.value)

@@ -47,6 +47,7 @@ class MelanomaClassifier(nn.Module):
     dtype: compute dtype; parameters stay float32 and logits are float32.
     remat: recompute the backbone's residual blocks in the backward pass (saves memory).
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics in training.
+    kernel_grad: the backbone's spatial-convolution kernel gradient ("auto", "im2col", "xla").
   """
   head_sizes: Sequence[int] = (512, 256, 64, 16)
   dropout_rate: float = 0.1
@@ -54,12 +55,14 @@ class MelanomaClassifier(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   bn_axis_name: Optional[str] = None
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     """NHWC images in [-1, 1] -> logits [B]."""
     backbone = InceptionResNetV2(num_classes=None, dtype=self.dtype, remat=self.remat,
-                                 bn_axis_name=self.bn_axis_name, name="backbone")
+                                 bn_axis_name=self.bn_axis_name, kernel_grad=self.kernel_grad,
+                                 name="backbone")
     features = backbone(x, train=train and not self.freeze_backbone)
     if self.freeze_backbone:
       features = jax.lax.stop_gradient(features)

@@ -67,8 +67,8 @@ def im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)
-  (dx,) = input_vjp(dy)
+  # The transpose of the linear map x -> conv(x, kernel), without re-tracing the forward as jax.vjp would.
+  (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel, strides, padding), x)(dy)
   dkernel = im2col_kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
   return dx, dkernel
 

@@ -114,16 +114,30 @@ def residual_block_names() -> Tuple[str, ...]:
   return tuple(name for name, _, scale, _ in BODY if scale is not None)
 
 
-def _conv(spec: Conv, dtype, name: str) -> nn.Module:
-  """The convolution of a conv + BatchNorm unit (no bias), as XLA:CPU runs it fastest (models/conv.py).
+KERNEL_GRADS = ("auto", "im2col", "xla")
 
-  1x1 stride 1: a dot. Others: a convolution with an im2col kernel gradient (a 299x299 batch-8 training
-  step on 2 cores: 6.2 s against 6.6 s with XLA's own kernel gradient, same process, alternating).
+
+def use_im2col_grad(kernel_grad: str) -> bool:
+  """Whether spatial convolutions take the im2col kernel gradient: 'auto' = on the CPU backend only."""
+  if kernel_grad not in KERNEL_GRADS:
+    raise InputError(f"kernel_grad={kernel_grad!r} must be one of {', '.join(KERNEL_GRADS)}")
+  if kernel_grad == "auto":
+    return jax.default_backend() == "cpu"
+  return kernel_grad == "im2col"
+
+
+def _conv(spec: Conv, dtype, kernel_grad: str, name: str) -> nn.Module:
+  """The convolution of a conv + BatchNorm unit (no bias) (models/conv.py).
+
+  1x1 stride 1: a dot. Others: a convolution, on the CPU with an im2col kernel gradient (a 299x299 batch-8
+  training step on 2 cores: 6.2 s against 6.6 s with XLA's own kernel gradient, same process, alternating);
+  on accelerators XLA's own (cuDNN's on a GPU), which needs no im2col buffer.
   """
   if spec.kernel == (1, 1) and spec.strides == 1:  # 'SAME' and 'VALID' agree for 1x1.
     return PointwiseConv(spec.features, dtype=dtype, name=name)
   return SpatialConv(spec.features, spec.kernel, strides=(spec.strides, spec.strides),
-                     padding=spec.padding, im2col_grad=True, dtype=dtype, name=name)
+                     padding=spec.padding, im2col_grad=use_im2col_grad(kernel_grad), dtype=dtype,
+                     name=name)
 
 
 class ConvBN(nn.Module):
@@ -132,11 +146,12 @@ class ConvBN(nn.Module):
   relu: bool = True
   dtype: jnp.dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     s = self.spec
-    x = _conv(s, self.dtype, "conv")(x)
+    x = _conv(s, self.dtype, self.kernel_grad, "conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      use_scale=False, use_bias=True, use_fast_variance=False,
                      axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=jnp.float32,
@@ -151,13 +166,14 @@ class Block(nn.Module):
   relu: bool = True
   dtype: jnp.dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     def chain(y, branch, convs):
       for j, conv in enumerate(convs):
         y = ConvBN(conv, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                   name=_branch_name(branch, j))(y, train)
+                   kernel_grad=self.kernel_grad, name=_branch_name(branch, j))(y, train)
       return y
 
     outputs = [chain(x, b, convs) for b, convs in enumerate(self.spec.branches)]
@@ -197,18 +213,21 @@ class InceptionResNetV2(nn.Module):
     dtype: compute dtype; parameters and batch statistics stay float32.
     remat: recompute each residual block in the backward pass (nn.remat) to save memory.
     bn_axis_name: pmap axis name across which BatchNorm averages batch statistics in training.
+    kernel_grad: kernel gradient of the spatial convolutions: "im2col" (fastest on XLA:CPU), "xla"
+      (XLA's own: cuDNN on a GPU), "auto" (im2col on the CPU backend, else xla). Same values either way.
   """
   num_classes: Optional[int] = 1000
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   bn_axis_name: Optional[str] = None
+  kernel_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     """Maps NHWC images scaled to [-1, 1] to logits [B, num_classes] or features [B, 1536]."""
     check_input_shape(x.shape)
     x = jnp.asarray(x, self.dtype)
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, kernel_grad=self.kernel_grad)
     for name, conv in STEM:
       x = ConvBN(conv, name=name, **common)(x, train)
       if name in ("conv_2b", "conv_4a"):

@@ -19,6 +19,7 @@ from absl import logging
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import pipeline as pipeline_lib
 from melanoma_jax.data import sources
+from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS
 from melanoma_jax.training import checkpoint as checkpoint_lib
 from melanoma_jax.training import losses, metrics, reporting, steps
 from melanoma_jax.training import state as state_lib
@@ -49,6 +50,9 @@ def validate_config(config):
     raise InputError(f"config.fold={config.fold} must be in [0, config.num_folds={config.num_folds})")
   if config.model.dtype not in _DTYPES:
     raise InputError(f"config.model.dtype={config.model.dtype!r} must be one of {sorted(_DTYPES)}")
+  if config.model.get("kernel_grad", "auto") not in KERNEL_GRADS:
+    raise InputError(f"config.model.kernel_grad={config.model.kernel_grad!r} must be one of "
+                     f"{', '.join(KERNEL_GRADS)}")
   if not 0.0 <= float(config.oversample_share or 0.0) < 1.0:
     raise InputError(f"config.oversample_share={config.oversample_share} must be in [0, 1)")
   if config.optimizer.name not in ("adam", "adamw"):
@@ -69,7 +73,7 @@ def build_model(config, freeze_backbone=False):
   from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
   return MelanomaClassifier(head_sizes=tuple(config.model.head_sizes), dropout_rate=config.model.dropout_rate,
                             freeze_backbone=freeze_backbone, dtype=dtype, remat=config.model.remat,
-                            bn_axis_name=steps.AXIS)
+                            kernel_grad=config.model.get("kernel_grad", "auto"), bn_axis_name=steps.AXIS)
 
 
 def learning_rate_schedule(opt, steps_per_epoch):

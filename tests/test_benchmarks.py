@@ -1,0 +1,40 @@
+"""The benchmarks' FLOP counter, which the GPU benchmark's MFU rests on (the benchmarks themselves are timed,
+so they run in `make bench`, not here)."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _net(x, kernel, w):
+  y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.jit(lambda a, b: a @ b)(y.reshape(y.shape[0], -1), w)  # A nested jaxpr.
+
+
+def test_jaxpr_flops_counts_convolutions_and_matrix_products_in_nested_jaxprs():
+  x, kernel, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5)), jnp.ones((320, 7))
+  conv_flops = 2 * (2 * 8 * 8 * 5) * (3 * 3 * 4)
+  dot_flops = 2 * (2 * 7) * 320
+  assert common.jaxpr_flops(jax.make_jaxpr(_net)(x, kernel, w).jaxpr) == conv_flops + dot_flops
+  # Under pmap the count is per device; the batch is split, so 2 devices x 1 image each = half each.
+  pmapped = jax.make_jaxpr(jax.pmap(_net, in_axes=(0, None, None)))(x.reshape(2, 1, 8, 8, 4), kernel, w)
+  assert common.jaxpr_flops(pmapped.jaxpr) == (conv_flops + dot_flops) / 2
+
+
+def test_jaxpr_flops_of_a_gradient_and_of_remat():
+  x, kernel, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5)), jnp.ones((320, 7))
+  forward = common.jaxpr_flops(jax.make_jaxpr(_net)(x, kernel, w).jaxpr)
+  loss = lambda k, w_, net: jnp.sum(net(x, k, w_))
+  grad = jax.grad(loss, argnums=(0, 1))
+  plain = common.jaxpr_flops(jax.make_jaxpr(lambda k, w_: grad(k, w_, _net))(kernel, w).jaxpr)
+  # Forward, plus one product for each parameter's gradient and one for the gradient flowing back
+  # into the convolution's output (none into x, which is not differentiated).
+  assert plain == 3 * forward - 2 * (2 * 8 * 8 * 5) * (3 * 3 * 4)
+  rematted = common.jaxpr_flops(
+      jax.make_jaxpr(lambda k, w_: grad(k, w_, jax.checkpoint(_net)))(kernel, w).jaxpr)
+  assert rematted > plain  # The recomputed forward is counted.
