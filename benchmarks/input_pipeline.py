@@ -95,14 +95,16 @@ def worker(args, threads):
   for _ in range(3):
     next(warm)
   timed, epoch, start, deadline = 0, 1, time.perf_counter(), args.batches
+  cpu_start = time.process_time()
   target_s = 15.0
   while True:
     for _ in batches(epoch):
       timed += 1
       elapsed = time.perf_counter() - start
       if (deadline and timed >= deadline) or (not deadline and elapsed >= target_s and timed >= 5):
+        cpu = time.process_time() - cpu_start
         print(_PROTOCOL, json.dumps({"images_per_s": timed * args.batch / elapsed, "batches": timed,
-                                     "seconds": elapsed}), flush=True)
+                                     "seconds": elapsed, "cores_busy": cpu / elapsed}), flush=True)
         return
     epoch += 1
 
@@ -139,11 +141,14 @@ def main(argv=None):
                  f"{time.perf_counter() - start:.0f} s")
       result[f"jpeg_kib_{size}"] = round(jpeg / 1024, 1)
       for threads in thread_counts:
-        rate = run_worker(args, size, threads, data)["images_per_s"]
+        run = run_worker(args, size, threads, data)
+        rate = run["images_per_s"]
         used = threads or cores
         label = "per_core" if threads == 1 else f"{used}_threads"
-        common.log(f"{size}x{size}, {used} thread(s): {rate:.1f} images/s ({rate / used:.1f} per core)")
+        common.log(f"{size}x{size}, {used} thread(s): {rate:.1f} images/s ({rate / used:.1f} per core; "
+                   f"the process kept {run['cores_busy']:.2f} cores busy)")
         result[f"images_per_s_{size}_{label}"] = round(rate, 1)
+        result[f"cores_busy_{size}_{label}"] = round(run["cores_busy"], 2)
   common.emit(result, args.out)
 
 

@@ -131,6 +131,25 @@ def test_identity_affine_keeps_the_image():
   assert np.isfinite(matrix).all() and matrix.shape == (8,)
 
 
+def test_compiled_warp_equals_tensorflows_projective_transform():
+  """The XLA-compiled resampling against TF's own kernel (bilinear, reflect), far transforms included."""
+  tf_ = tf()
+  config = _config()
+  aug = config.augment
+  aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 180.0, 30.0, 0.5, 0.5  # Much sampled off-image.
+  image = tf_.constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE + 7, 3)).astype(np.float32))
+  for k in range(6):
+    transform = pipeline._affine_matrix(tf_.constant([k, 5], tf_.int64), float(SIZE), aug,
+                                        tf_.constant(k % 2 == 0), tf_.constant(k % 3 == 0))
+    if k == 5:  # A projective (non-affine) transform too.
+      transform = transform + tf_.constant([0, 0, 0, 0, 0, 0, 1e-3, -2e-3])
+    expected = tf_.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform[None], output_shape=tf_.shape(image)[:2], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT")[0].numpy()
+    ours = tf_.function(pipeline.projective_warp, jit_compile=True)(image, transform).numpy()
+    np.testing.assert_allclose(ours, expected, atol=0.02)
+
+
 def test_fused_colour_jitter_equals_the_operations_in_turn():
   config = _config()
   aug = config.augment
