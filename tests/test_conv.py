@@ -27,9 +27,12 @@ def _loss_and_grads(module, variables, x):
   return y, grads
 
 
-@pytest.mark.parametrize("im2col_grad", [False, True])
+@pytest.mark.parametrize("im2col_grad", [False, True, "per_image"])
 @pytest.mark.parametrize("shape,kernel,strides,padding", CASES)
-def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding, im2col_grad):
+def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding, im2col_grad, monkeypatch):
+  if im2col_grad == "per_image":  # The kernel gradient accumulated image by image (large columns).
+    monkeypatch.setattr(conv, "_PER_IMAGE_COLUMNS_BYTES", 0)
+    im2col_grad = True
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   reference = nn.Conv(6, kernel, strides=strides, padding=padding, use_bias=False)
   ours = conv.SpatialConv(6, kernel, strides=strides, padding=padding, im2col_grad=im2col_grad)

@@ -61,19 +61,38 @@ def _conv2d_fwd(x, kernel, strides, padding):
   return _fast_forward(x, kernel, strides, padding), (x, kernel)
 
 
+# Above this many bytes of im2col columns for the whole batch, the kernel gradient is accumulated one image
+# at a time, so the columns stay in cache: conv_2a's kernel gradient (199 MiB of columns at 299x299, batch
+# 8) took 68 ms instead of 174, mixed_5b's 5x5 14 instead of 46; under ~10 MiB it makes no difference.
+_PER_IMAGE_COLUMNS_BYTES = 16 * 2**20
+
+
+def _columns(x, kh, kw, ho, wo, strides):
+  """[..., ho, wo, kh*kw*cin]: the kh*kw strided shifted views of padded NHWC (or HWC) `x`, on channels."""
+  sh, sw = strides
+  lead = x.ndim - 3
+  views = [lax.slice(x, (0,) * lead + (i, j, 0),
+                     x.shape[:lead] + (i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[-1]),
+                     (1,) * lead + (sh, sw, 1))
+           for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
+
+
 def im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
   """d(loss)/d(kernel) of an NHWC x HWIO convolution given the output gradient `dy`."""
   kh, kw, cin, cout = kernel_shape
   pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
   x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   n, ho, wo, _ = dy.shape
-  sh, sw = strides
-  views = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                     (1, sh, sw, 1))
-           for i in range(kh) for j in range(kw)]
-  columns = jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]  # [n, ho, wo, kh*kw*cin]
-  grad = lax.dot_general(columns, dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
-                         preferred_element_type=jnp.float32)
+  contract = lambda columns, d, dims: lax.dot_general(columns, d, ((dims, dims), ((), ())),
+                                                       preferred_element_type=jnp.float32)
+  if n > 1 and n * ho * wo * kh * kw * cin * x.dtype.itemsize >= _PER_IMAGE_COLUMNS_BYTES:
+    def one_image(total, image_and_grad):
+      image, d = image_and_grad
+      return total + contract(_columns(image, kh, kw, ho, wo, strides), d, (0, 1)), None
+    grad, _ = lax.scan(one_image, jnp.zeros((kh * kw * cin, cout), jnp.float32), (x, dy))
+  else:
+    grad = contract(_columns(x, kh, kw, ho, wo, strides), dy, (0, 1, 2))
   return grad.reshape(kh, kw, cin, cout)
 
 
