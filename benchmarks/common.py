@@ -107,14 +107,34 @@ def jaxpr_flops(jaxpr) -> float:
   """FLOPs of the matrix products and convolutions of a jaxpr, sub-jaxprs (pmap, remat, ...) included.
 
   Backend-independent model FLOPs: XLA:GPU's cost analysis leaves out the convolutions it hands to
-  cuDNN (it reported 7.6 GFLOPs per 299x299 training image against XLA:CPU's 79.5).
+  cuDNN (it reported 7.6 GFLOPs per 299x299 training image against XLA:CPU's 79.5), and XLA:CPU's counts
+  a loop's body once. Scan bodies count `length` times; a while loop's body once (no trip count).
   """
   total = 0.0
   for eqn in jaxpr.eqns:
     total += _eqn_flops(eqn)
+    repeats = eqn.params["length"] if eqn.primitive.name == "scan" else 1  # A scan runs its body length times.
     for sub in _sub_jaxprs(eqn.params):
-      total += jaxpr_flops(sub)
+      total += repeats * jaxpr_flops(sub)
   return total
+
+
+def step_flops(size, global_batch, dtype, kernel_grad, remat):
+  """FLOPs of one training step (all devices): its matrix products and convolutions, from its jaxpr."""
+  from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  model = MelanomaClassifier(dtype=DTYPES[dtype], remat=remat, kernel_grad=kernel_grad,
+                             bn_axis_name=steps.AXIS)
+  state = jax.eval_shape(lambda v: state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0),
+                                                                None, variables=v),
+                         abstract_variables(model, size))
+  devices = jax.local_device_count()
+  shard = lambda *shape: jax.ShapeDtypeStruct((devices, global_batch // devices) + shape, jnp.float32)
+  batch = {"x": shard(size, size, 3), "y": shard(), "mask": shard()}
+  step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)), donate=False)
+  return jaxpr_flops(jax.make_jaxpr(step)(state, batch).jaxpr) * devices
 
 
 def memory(compiled):

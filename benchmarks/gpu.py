@@ -64,33 +64,14 @@ def peak_tflops(override):
   return None
 
 
-def step_flops(size, global_batch, dtype, kernel_grad, remat):
-  """FLOPs of one training step (all devices): its matrix products and convolutions, from its jaxpr."""
-  from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  jax, jnp = common.jax, common.jnp
-  model = MelanomaClassifier(dtype=common.DTYPES[dtype], remat=remat, kernel_grad=kernel_grad,
-                             bn_axis_name=steps.AXIS)
-  state = jax.eval_shape(lambda v: state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0),
-                                                                None, variables=v),
-                         common.abstract_variables(model, size))
-  devices = jax.local_device_count()
-  shard = lambda *shape: jax.ShapeDtypeStruct((devices, global_batch // devices) + shape, jnp.float32)
-  batch = {"x": shard(size, size, 3), "y": shard(), "mask": shard()}
-  step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)), donate=False)
-  return common.jaxpr_flops(jax.make_jaxpr(step)(state, batch).jaxpr) * devices
-
-
 def measure(size, per_device, remat, kernel_grad, args):
   jax = common.jax
   devices = jax.local_device_count()
   bench_args = argparse.Namespace(size=size, global_batch=per_device * devices, dtype=args.dtype,
                                   remat=remat, kernel_grad=kernel_grad, compile_only=False,
                                   batch_on_device=True)
-  work = step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=False)
-  executed = step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=remat)
+  work = common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=False)
+  executed = common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=remat)
   ours = train_step.OursBench(bench_args)
   wall, _ = ours.run(args.steps)
   step_s = statistics.median(wall)

@@ -38,3 +38,10 @@ def test_jaxpr_flops_of_a_gradient_and_of_remat():
   rematted = common.jaxpr_flops(
       jax.make_jaxpr(lambda k, w_: grad(k, w_, jax.checkpoint(_net)))(kernel, w).jaxpr)
   assert rematted > plain  # The recomputed forward is counted.
+
+
+def test_jaxpr_flops_counts_a_scan_body_once_per_iteration():
+  w = jnp.ones((6, 5))
+  step = lambda carry, x: (carry + x @ w, None)
+  scanned = jax.make_jaxpr(lambda xs: jax.lax.scan(step, jnp.zeros(5), xs)[0])(jnp.ones((4, 6)))
+  assert common.jaxpr_flops(scanned.jaxpr) == 4 * 2 * 6 * 5
