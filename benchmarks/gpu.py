@@ -71,7 +71,8 @@ def measure(size, per_device, remat, kernel_grad, args):
                                   remat=remat, kernel_grad=kernel_grad, compile_only=False,
                                   batch_on_device=True)
   work = common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=False)
-  executed = common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=remat)
+  executed = (common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=True)
+              if remat else work)
   ours = train_step.OursBench(bench_args)
   wall, _ = ours.run(args.steps)
   step_s = statistics.median(wall)

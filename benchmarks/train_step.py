@@ -67,7 +67,7 @@ class OursBench:
     jax, np = common.jax, common.np
     devices = jax.local_device_count()
     model = MelanomaClassifier(dtype=common.DTYPES[args.dtype], remat=args.remat,
-                               kernel_grad=getattr(args, "kernel_grad", "auto"), bn_axis_name=steps.AXIS)
+                               kernel_grad=args.kernel_grad, bn_axis_name=steps.AXIS)
     self.state = common.train_state(model, args.size, args.global_batch)
     self.step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)))
     labels = (np.arange(args.global_batch) % 2).astype(np.float32)
