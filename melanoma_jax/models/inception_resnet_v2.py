@@ -188,11 +188,29 @@ class Block(nn.Module):
     up = PointwiseConv(x.shape[-1], use_bias=True, dtype=self.dtype, name="up")(mixed)
     x = x + up * self.scale
     x = nn.relu(x) if self.relu else x
-    # Materialise the block's output: otherwise XLA fuses the chain of residual sums
-    # x_i = relu(x_{i-1} + scale * up_i) into consumers of x_i and recomputes earlier blocks there (seen in
-    # the optimised HLO). Identity in value and gradient; 5.15 s against 5.27 s per 299x299 batch-8
-    # training step on 2 cores (same process, alternating).
-    return jax.lax.optimization_barrier(x)
+    return materialise(x)
+
+
+@jax.custom_vjp
+def materialise(x):
+  """`x`, computed once: XLA may not fold it into its consumers.
+
+  Without it, XLA fuses the chain of residual sums x_i = relu(x_{i-1} + scale * up_i) into every consumer
+  of x_i (the next block, the ReLU masks of the backward pass) and recomputes all earlier blocks there:
+  69 fusions recomputed 642 blocks in a 299x299 training step. `lax.optimization_barrier` does not stop
+  it, since XLA:CPU removes barriers before fusion. A division is an "expensive" op that XLA's fusion will
+  not duplicate, and dividing by 1 + 0 * x is exact for every finite x (an infinite x becomes NaN).
+  5.18 s against 5.45 s per 299x299 batch-8 training step on 2 cores (same process, 12 alternations).
+  The gradient is the identity.
+  """
+  return _divided_by_one(x)
+
+
+def _divided_by_one(x):
+  return x / (1 + 0 * x)
+
+
+materialise.defvjp(lambda x: (_divided_by_one(x), None), lambda _, g: (g,))
 
 
 def check_input_shape(shape: Sequence[int]) -> None:
