@@ -15,6 +15,7 @@ CASES = [  # (input shape, kernel, strides, padding): the kinds InceptionResNetV
     ((2, 9, 9, 4), (7, 1), (1, 1), "SAME"),
     ((2, 12, 12, 3), (5, 5), (1, 1), "SAME"),
     ((2, 12, 12, 3), (3, 3), (2, 2), "SAME"),  # Asymmetric padding.
+    ((2, 13, 13, 1), (2, 2), (2, 2), "VALID"),  # Fewer im2col columns (4) than outputs (6), as conv_1a.
 ]
 
 
