@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from melanoma_jax.models.conv import KERNEL_INIT, PointwiseConv, SpatialConv
+from melanoma_jax.models.pooling import max_pool
 from melanoma_jax.utils.errors import InputError
 
 MIN_SIZE = 75
@@ -181,7 +182,7 @@ class Block(nn.Module):
       y = nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
       outputs.append(chain(y, len(self.spec.branches), self.spec.pool_convs))
     elif self.spec.pool == "max":
-      outputs.append(nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID"))
+      outputs.append(max_pool(x, (3, 3), (2, 2)))
     mixed = jnp.concatenate(outputs, axis=-1)
     if self.scale is None:
       return mixed
@@ -249,7 +250,7 @@ class InceptionResNetV2(nn.Module):
     for name, conv in STEM:
       x = ConvBN(conv, name=name, **common)(x, train)
       if name in ("conv_2b", "conv_4a"):
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = max_pool(x, (3, 3), (2, 2))
     residual = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for name, spec, scale, relu in BODY:
       block = Block if scale is None else residual
