@@ -6,7 +6,8 @@ float rounding. What changes is the program XLA sees:
 
 * `PointwiseConv` (1x1, stride 1) is a matrix product over channels. XLA:CPU runs it about twice as
   fast as the equivalent convolution, forward and backward: the convolution's kernel gradient goes
-  through a slow [C, H, W, N] transpose of the activations that the dot does not need.
+  through a slow [C, H, W, N] transpose of the activations that the dot does not need. Its kernel
+  gradient is x^T dy (`pointwise`), which XLA:CPU runs faster than JAX's (dy^T x)^T.
 * `SpatialConv` is `lax.conv_general_dilated`; with `im2col_grad` (the CPU's choice) it has a custom
   kernel gradient: im2col of the input (the kh*kw shifted views side by side on channels) contracted
   with the output gradient in one matrix product, instead of XLA's "batch as features" convolution,
@@ -146,5 +147,35 @@ class PointwiseConv(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    y = pointwise(x, kernel[0, 0])
     return y + bias if bias is not None else y
+
+
+@jax.custom_vjp
+def pointwise(x, kernel):
+  """[..., cin] x [cin, cout] -> [..., cout], with the kernel gradient as x^T dy.
+
+  JAX's own gradient computes (dy^T x)^T, for which XLA:CPU transposes dy first; x^T dy runs 1.2 to 2
+  times faster (block35's "up" at 299x299, batch 8, 2 cores: 5.7 ms against 11.3; block8's 4.7 against
+  7.6), whichever of x and dy has more channels.
+  """
+  return _pointwise(x, kernel)
+
+
+def _pointwise(x, kernel):
+  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _pointwise_fwd(x, kernel):
+  return _pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  lead = tuple(range(x.ndim - 1))
+  dkernel = lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
