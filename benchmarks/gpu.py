@@ -102,8 +102,8 @@ def parse_spec(spec):
   """'1024:16:remat:xla' -> (1024, 16, True, 'xla')."""
   parts = spec.split(":")
   flags = set(parts[2:])
-  grads = flags & {"auto", "im2col", "xla"}
-  if len(parts) < 2 or flags - {"remat", "auto", "im2col", "xla"} or len(grads) > 1:
+  grads = flags & set(train_step.KERNEL_GRADS)
+  if len(parts) < 2 or flags - grads - {"remat"} or len(grads) > 1:
     raise SystemExit(f"--configs: cannot read {spec!r} (SIZE:PER_DEVICE_BATCH[:remat][:auto|im2col|xla])")
   return int(parts[0]), int(parts[1]), "remat" in flags, grads.pop() if grads else "auto"
 

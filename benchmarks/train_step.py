@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 KERAS_BACKENDS = {  # name: (KERAS_BACKEND, jit_compile)
     "tf": ("tensorflow", False),
@@ -42,7 +43,7 @@ def parse_args(argv=None):
   parser.add_argument("--rounds", type=int, default=2, help="alternations per Keras backend")
   parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
   parser.add_argument("--remat", action="store_true", help="recompute residual blocks (ours)")
-  parser.add_argument("--kernel_grad", choices=("auto", "im2col", "xla"), default="auto",
+  parser.add_argument("--kernel_grad", choices=KERNEL_GRADS, default="auto",
                       help="spatial-convolution kernel gradient (ours; auto = im2col on CPU)")
   parser.add_argument("--keras", default="tf,tf_xla,jax",
                       help="comma-separated Keras backends to compare with (tf, tf_xla, jax) or 'none'")

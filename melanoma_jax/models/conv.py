@@ -68,14 +68,19 @@ def _conv2d_fwd(x, kernel, strides, padding):
 _PER_IMAGE_COLUMNS_BYTES = 16 * 2**20
 
 
-def _columns(x, kh, kw, ho, wo, strides):
-  """[..., ho, wo, kh*kw*cin]: the kh*kw strided shifted views of padded NHWC (or HWC) `x`, on channels."""
+def window_view(x, i, j, ho, wo, strides):
+  """[..., ho, wo, c]: the element at offset (i, j) of each of the ho x wo windows of NHWC (or HWC) `x`
+  taken with `strides` (x[..., i::sh, j::sw, :] cut to ho x wo)."""
   sh, sw = strides
   lead = x.ndim - 3
-  views = [lax.slice(x, (0,) * lead + (i, j, 0),
-                     x.shape[:lead] + (i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[-1]),
-                     (1,) * lead + (sh, sw, 1))
-           for i in range(kh) for j in range(kw)]
+  return lax.slice(x, (0,) * lead + (i, j, 0),
+                   x.shape[:lead] + (i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[-1]),
+                   (1,) * lead + (sh, sw, 1))
+
+
+def _columns(x, kh, kw, ho, wo, strides):
+  """[..., ho, wo, kh*kw*cin]: the kh*kw strided shifted views of padded NHWC (or HWC) `x`, on channels."""
+  views = [window_view(x, i, j, ho, wo, strides) for i in range(kh) for j in range(kw)]
   return jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
 
 

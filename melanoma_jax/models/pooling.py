@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from melanoma_jax.models.conv import window_view
+
 
 def _pool(x, window, strides):
   init = jnp.array(-jnp.inf, x.dtype)
@@ -34,21 +36,20 @@ def _max_pool_fwd(x, window, strides):
 def _max_pool_bwd(window, strides, residuals, dy):
   x, y = residuals
   (kh, kw), (sh, sw) = window, strides
-  n, h, w, c = x.shape
+  h, w = x.shape[1:3]
   ho, wo = y.shape[1:3]
   dx = jnp.zeros_like(x)
   taken = jnp.zeros(y.shape, bool)
   zero = jnp.zeros((), dy.dtype)
   for i in range(kh):
     for j in range(kw):
-      # The inputs at offset (i, j) of every window, and whether each is the window's first maximum.
-      rows, cols = i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1
-      view = lax.slice(x, (0, i, j, 0), (n, rows, cols, c), (1, sh, sw, 1))
-      first = (view == y) & ~taken
+      # Whether the input at offset (i, j) of each window is that window's first maximum.
+      first = (window_view(x, i, j, ho, wo, strides) == y) & ~taken
       taken = taken | first
       # Back to the input's positions: offset (i, j), stride (sh, sw), zeros elsewhere.
+      below, right = h - i - (ho - 1) * sh - 1, w - j - (wo - 1) * sw - 1
       dx = dx + lax.pad(jnp.where(first, dy, zero), zero,
-                        ((0, 0, 0), (i, h - rows, sh - 1), (j, w - cols, sw - 1), (0, 0, 0)))
+                        ((0, 0, 0), (i, below, sh - 1), (j, right, sw - 1), (0, 0, 0)))
   return (dx,)
 
 
