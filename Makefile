@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --out $(BENCH_DIR)/train_step.json
 	$(PY) benchmarks/input_pipeline.py --out $(BENCH_DIR)/input_pipeline.json
 	$(PY) benchmarks/eval_step.py --out $(BENCH_DIR)/eval_step.json
+	$(PY) benchmarks/conv_layers.py --out $(BENCH_DIR)/conv_layers.json
 	$(PY) benchmarks/synthetic_throughput.py > $(BENCH_DIR)/synthetic_throughput.json
 	$(PY) benchmarks/tabular_cv.py --workdir=$(BENCH_DIR)/tabular --baselines
 

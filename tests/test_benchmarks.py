@@ -1,6 +1,8 @@
-"""The benchmarks' FLOP counter, which the GPU benchmark's MFU rests on (the benchmarks themselves are timed,
-so they run in `make bench`, not here)."""
+"""The benchmarks' FLOP counter, which the GPU benchmark's MFU rests on, and the convolution benchmark's
+harness (the benchmarks themselves are timed, so they run in `make bench`, not here)."""
+import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -45,3 +47,20 @@ def test_jaxpr_flops_counts_a_scan_body_once_per_iteration():
   step = lambda carry, x: (carry + x @ w, None)
   scanned = jax.make_jaxpr(lambda xs: jax.lax.scan(step, jnp.zeros(5), xs)[0])(jnp.ones((4, 6)))
   assert common.jaxpr_flops(scanned.jaxpr) == 4 * 2 * 6 * 5
+
+
+def test_conv_layers_covers_every_convolution_and_agrees_with_tensorflow(tmp_path):
+  """benchmarks/conv_layers.py at the smallest input: it finds each conv + BatchNorm unit's convolution and
+  each residual block's up projection, and exits non-zero unless our forward, input and kernel gradients
+  (the train step's own: dots, im2col) equal TensorFlow's for every one of its distinct shapes."""
+  from melanoma_jax.models import inception_resnet_v2 as irv2  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "conv_layers.json"
+  script = os.path.join(os.path.dirname(common.__file__), "conv_layers.py")
+  run = subprocess.run([sys.executable, script, "--size", "75", "--global_batch", "2", "--reps", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  result = json.loads(out.read_text())
+  top_conv = 1  # irv2.TOP_CONV, conv_7b, is not among the Keras conv2d_bn paths.
+  assert result["convolutions"] == len(irv2.conv_bn_paths()) + top_conv + len(irv2.residual_block_names())
+  assert result["distinct"] == 35
+  assert result["ours_backward_ms"] > 0 and result["tf_backward_ms"] > 0

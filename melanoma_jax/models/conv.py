@@ -135,8 +135,12 @@ class SpatialConv(nn.Module):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", KERNEL_INIT, (kh, kw, x.shape[-1], self.features), self.param_dtype)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    fn = conv2d if self.im2col_grad else _conv
-    return fn(x, kernel, tuple(self.strides), self.padding)
+    return spatial(x, kernel, self.strides, self.padding, self.im2col_grad)
+
+
+def spatial(x, kernel, strides, padding, im2col_grad: bool):
+  """The convolution `SpatialConv` computes: `conv2d` with `im2col_grad`, else XLA's own gradient too."""
+  return (conv2d if im2col_grad else _conv)(x, kernel, tuple(strides), padding)
 
 
 class PointwiseConv(nn.Module):
