@@ -196,5 +196,23 @@ def reexec_with_malloc_tunables(enabled):
   os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
+# Worker subprocesses (other frameworks, other thread settings) answer on stdout, where TF and Keras also
+# log: their replies are the lines that start with this prefix.
+WORKER_PREFIX = "@@"
+
+
+def worker_say(obj):
+  """Worker side: one JSON reply line."""
+  print(WORKER_PREFIX, json.dumps(obj), flush=True)
+
+
+def worker_reply(lines):
+  """Parent side: the next reply among `lines` (a worker's stdout), or None if it ended without one."""
+  for line in lines:
+    if line.startswith(WORKER_PREFIX):
+      return json.loads(line[len(WORKER_PREFIX):])
+  return None
+
+
 def log(*args):
   print(*args, file=sys.stderr, flush=True)

@@ -30,7 +30,10 @@ import sys
 import tempfile
 import time
 
-_PROTOCOL = "@@"  # Prefix of the worker's reply lines (TF logs to the same streams).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Importing JAX starts no thread pool (the CPU client starts at first use), so --cores still pins both.
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv=None):
@@ -40,7 +43,7 @@ def parse_args(argv=None):
   parser.add_argument("--cores", type=int, default=0, help="pin to this many cores (0 = all)")
   parser.add_argument("--reps", type=int, default=5,
                       help="timed calls in a row per side, part and round (2 rounds; median)")
-  parser.add_argument("--kernel_grad", choices=("auto", "im2col", "xla"), default="auto",
+  parser.add_argument("--kernel_grad", choices=KERNEL_GRADS, default="auto",
                       help="spatial-convolution kernel gradient (auto = im2col, the CPU's choice)")
   parser.add_argument("--top", type=int, default=12, help="rows of the table (largest gaps first)")
   parser.add_argument("--out", default=None, help="also write the JSON line to this file")
@@ -184,7 +187,7 @@ def tf_worker(layers_file):
       reply = {}
     else:
       reply = {"seconds": current[1].series(command, int(rest[0]))}
-    print(_PROTOCOL, json.dumps(reply), flush=True)
+    common.worker_say(reply)
 
 
 class TFProcess:
@@ -201,9 +204,9 @@ class TFProcess:
   def ask(self, *words):
     self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
     self.proc.stdin.flush()
-    for line in self.proc.stdout:
-      if line.startswith(_PROTOCOL):
-        return json.loads(line[len(_PROTOCOL):])
+    reply = common.worker_reply(self.proc.stdout)
+    if reply is not None:
+      return reply
     raise SystemExit(f"TF worker exited with {self.proc.wait()} (see its stderr above)")
 
   def close(self):
@@ -241,10 +244,8 @@ def main(argv=None):
   if args.tf_worker:
     return tf_worker(args.tf_worker)
   cores = pin_cores(args.cores)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # A CPU benchmark, on a GPU host too.
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import common  # pylint: disable=g-import-not-at-top
   common.reexec_with_malloc_tunables(True)
+  common.jax.config.update("jax_platforms", "cpu")  # A CPU benchmark, on a GPU host too.
   layers = network_convs(args.size, args.global_batch, args.kernel_grad)
   common.log(f"{sum(layers.values())} convolutions, {len(layers)} distinct; {cores} cores")
   rows, totals = [], {side: collections.Counter() for side in ("ours", "tf")}

@@ -16,7 +16,6 @@ per-core rate; `--threads 0` uses every core.
 The last line printed is one JSON object (images/s).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -27,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_PROTOCOL = "@@"
 
 
 def parse_args(argv=None):
@@ -103,8 +101,8 @@ def worker(args, threads):
       elapsed = time.perf_counter() - start
       if (deadline and timed >= deadline) or (not deadline and elapsed >= target_s and timed >= 5):
         cpu = time.process_time() - cpu_start
-        print(_PROTOCOL, json.dumps({"images_per_s": timed * args.batch / elapsed, "batches": timed,
-                                     "seconds": elapsed, "cores_busy": cpu / elapsed}), flush=True)
+        common.worker_say({"images_per_s": timed * args.batch / elapsed, "batches": timed,
+                           "seconds": elapsed, "cores_busy": cpu / elapsed})
         return
     epoch += 1
 
@@ -116,9 +114,9 @@ def run_worker(args, size, threads, data):
     cmd.append("--no_augment")
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True).stdout
-  for line in out.splitlines():
-    if line.startswith(_PROTOCOL):
-      return json.loads(line[len(_PROTOCOL):])
+  reply = common.worker_reply(out.splitlines())
+  if reply is not None:
+    return reply
   raise RuntimeError(f"input pipeline worker ({size}, {threads} threads) printed no result")
 
 

@@ -15,7 +15,6 @@ side (compilation) is reported apart from the steady state.
 The last line printed is one JSON object (images/s; ratio = ours / Keras, > 1 means ours is faster).
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -32,7 +31,6 @@ KERAS_BACKENDS = {  # name: (KERAS_BACKEND, jit_compile)
     "tf_xla": ("tensorflow", True),
     "jax": ("jax", True),
 }
-_PROTOCOL = "@@"  # Prefix of the worker's protocol lines (TF and Keras log to the same streams).
 
 
 def parse_args(argv=None):
@@ -148,14 +146,14 @@ def keras_worker(args):
     return time.perf_counter() - start, time.process_time() - cpu
 
   first, _ = one()
-  print(_PROTOCOL, json.dumps({"first_step_s": first, "second_step_s": one()[0],
-                               "backend": keras.backend.backend()}), flush=True)
+  common.worker_say({"first_step_s": first, "second_step_s": one()[0],
+                     "backend": keras.backend.backend()})
   for line in sys.stdin:
     steps = int(line)
     if steps <= 0:
       break
     wall, cpu = zip(*[one() for _ in range(steps)])
-    print(_PROTOCOL, json.dumps({"steps_s": wall, "cpu_s": cpu}), flush=True)
+    common.worker_say({"steps_s": wall, "cpu_s": cpu})
 
 
 class KerasProcess:
@@ -173,9 +171,9 @@ class KerasProcess:
     self.first = self._read()
 
   def _read(self):
-    for line in self.proc.stdout:
-      if line.startswith(_PROTOCOL):
-        return json.loads(line[len(_PROTOCOL):])
+    reply = common.worker_reply(self.proc.stdout)
+    if reply is not None:
+      return reply
     raise RuntimeError(f"Keras worker exited with {self.proc.wait()} (see its stderr above)")
 
   def run(self, steps):
