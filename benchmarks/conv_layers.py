@@ -5,15 +5,14 @@ model's own conv modules, so none is missed or invented) is timed twice: as the 
 (`melanoma_jax.models.conv`: 1x1 as dots, the im2col or XLA kernel gradient per --kernel_grad) and as
 Keras/TF runs it without XLA (Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter: oneDNN). Forward and
 backward (input and kernel gradients; no input gradient for the first layer) are timed apart, the two
-sides taking turns, and checked to agree before anything is timed. TF runs in a worker
-subprocess: in one process, the idle side's thread pool took cores from the busy one (both sides ran up
-to 1.6 times slower). Totals weight each shape by how often
-the network uses it.
+sides taking turns, and checked to agree before anything is timed. Totals weight each shape by how often
+the network uses it. TF runs in a worker subprocess: in one process, the idle side's thread pool took
+cores from the busy one (both sides ran up to 1.6 times slower).
 
 `--cores N` pins the process to N cores before JAX or TF start, so running it with `--cores 1` and with
-all cores separates the kernels' own speed from how well they use the cores. On 2 AMD EPYC cores both
-sides' kernels were equally fast on one core; on two, TF's convolutions ran 2.0 times faster and XLA's
-1.7 (README, Speed).
+all cores separates the kernels' own speed from how well they use the cores. On 2 AMD EPYC cores (299x299,
+batch 8) the totals were 7593 ms ours against 7693 TF on one core and 4406 against 4436 on two (README,
+Speed, also for how the two-core figures move with the way the calls are timed).
 
   .venv/bin/python benchmarks/conv_layers.py                  # 299x299, global batch 8, all cores
   .venv/bin/python benchmarks/conv_layers.py --cores 1 --out r.json
@@ -32,8 +31,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Importing JAX starts no thread pool (the CPU client starts at first use), so --cores still pins both.
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import common
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from melanoma_jax.models import conv
+from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS, InceptionResNetV2
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv=None):
@@ -66,11 +72,6 @@ Layer = collections.namedtuple("Layer", "kind x_shape kernel_shape strides paddi
 
 def network_convs(size, global_batch, kernel_grad):
   """{Layer: count} of every convolution InceptionResNetV2 runs on a [global_batch, size, size, 3] batch."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.models import conv  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.models.inception_resnet_v2 import InceptionResNetV2  # pylint: disable=g-import-not-at-top
   found = []
 
   def record(next_fun, args, kwargs, context):
@@ -93,8 +94,6 @@ def network_convs(size, global_batch, kernel_grad):
 
 def ours(layer):
   """(forward(x, kernel), backward(x, kernel, dy)) jitted as the train step computes them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.models import conv  # pylint: disable=g-import-not-at-top
   if layer.kind == "pointwise":
     fn = lambda x, kernel: conv.pointwise(x, kernel[0, 0])
   else:
@@ -125,14 +124,12 @@ def tensorflow(layer):
 
 
 def _max_relative_error(a, b):
-  import numpy as np  # pylint: disable=g-import-not-at-top
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
 
 
 def inputs(layer, forward, seed=0):
   """(x, kernel, dy) drawn the same way on both sides; dy has the shape of `forward`'s output."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(layer.x_shape).astype(np.float32)
   kernel = rng.standard_normal(layer.kernel_shape) / np.sqrt(np.prod(layer.kernel_shape[:3]))
@@ -157,8 +154,7 @@ class Side:
     self.x, self.kernel, self.dy = inputs(layer, self.forward)
 
   def outputs(self):
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    return [np.asarray(self.forward(self.x, self.kernel))] + [
+      return [np.asarray(self.forward(self.x, self.kernel))] + [
         np.asarray(g) for g in self.backward(self.x, self.kernel, self.dy)]
 
   def series(self, part, reps):
@@ -172,7 +168,6 @@ class Side:
 
 def tf_worker(layers_file):
   """Subprocess side: per stdin line "<layer index> check <file>" or "<layer index> <part> <reps>"."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   with open(layers_file) as f:
@@ -216,7 +211,6 @@ class TFProcess:
 
 def measure(index, layer, worker, workdir, reps):
   """{side: {part: ms}} for one layer, after checking that both sides compute the same."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   side = Side(layer, ours(layer))
   path = os.path.join(workdir, f"{index}.npz")
   worker.ask(index, "check", path)
@@ -245,7 +239,7 @@ def main(argv=None):
     return tf_worker(args.tf_worker)
   cores = pin_cores(args.cores)
   common.reexec_with_malloc_tunables(True)
-  common.jax.config.update("jax_platforms", "cpu")  # A CPU benchmark, on a GPU host too.
+  jax.config.update("jax_platforms", "cpu")  # A CPU benchmark, on a GPU host too.
   layers = network_convs(args.size, args.global_batch, args.kernel_grad)
   common.log(f"{sum(layers.values())} convolutions, {len(layers)} distinct; {cores} cores")
   rows, totals = [], {side: collections.Counter() for side in ("ours", "tf")}
