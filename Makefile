@@ -1,5 +1,10 @@
 # Quickstart: `make demo` (train + evaluate on the embedded synthetic data) and `make test`.
-PYTHON ?= python3
+# The first Python >= 3.12 that runs: python3, python3.13, python3.12 (a pyenv shim of an unselected version
+# does not run, so those are tried too), then pyenv's own installs. `make test PYTHON=/path/to/python` overrides.
+FIND_PYTHON := for p in python3 python3.12 python3.13 $$(ls -d "$$(pyenv root 2>/dev/null)"/versions/3.* 2>/dev/null \
+  | sort -V | sed 's|$$|/bin/python|'); do "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' \
+  >/dev/null 2>&1 && { command -v "$$p" || echo "$$p"; } && break; done
+PYTHON ?= $(shell $(FIND_PYTHON))
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
@@ -9,7 +14,8 @@ DEMO_WORKDIR ?= runs/demo
 .PHONY: install test demo bench clean
 
 $(STAMP): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo "error: no Python >= 3.12 found (PYTHON='$(PYTHON)'); install Python 3.12 or newer, or run make PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
