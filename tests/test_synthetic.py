@@ -14,6 +14,7 @@ from PIL import Image
 from melanoma_jax.data import metadata
 from melanoma_jax.data import records
 from melanoma_jax.data import synthetic
+from melanoma_jax.data.synthetic import __main__ as synthetic_cli
 from melanoma_jax.utils.errors import InputError
 
 SIZE = 32
@@ -231,7 +232,7 @@ def test_contact_sheet_and_notice(tiny):
 def test_cli_writes_a_dataset(tmp_path, capsys):
   argv = ["--out", str(tmp_path / "cli"), "--num_patients", "3", "--num_test_patients", "1",
           "--image_size", "16", "--min_malignant", "0", "--seed", "3"]
-  assert synthetic.main(argv) == 0
+  assert synthetic_cli.main(argv) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["train_patients"] == 3 and summary["train_images"] > 0
   assert os.path.isfile(tmp_path / "cli" / synthetic.MANIFEST)

@@ -35,7 +35,6 @@ CATEGORICAL_FIELDS = ("patient_id", "sex", "anatom_site_general_challenge", "dia
 INT_FIELDS = ("patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis", "target")
 MISSING_CODE = -1
 CODES_FILE = "codes.json"
-_SHARD_COUNT = re.compile(r"-(\d+)\.tfrec$")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ def encode_example(image_bytes, row, codes, split):
   if split == "train":
     for field in INT_FIELDS:
       feature[field] = _int_feature(_encode_field(codes, field, row.get(field)))
-  return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString()
+  return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def encode_competition_example(image_bytes, row, split):
@@ -117,7 +116,7 @@ def encode_competition_example(image_bytes, row, split):
              "image_name": _bytes_feature(str(row["image_name"]).encode())}
   if split == "train":
     feature["target"] = _int_feature(row["target"])
-  return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString()
+  return tf().train.Example(features=tf().train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def shard_ranges(num_rows, num_shards):
@@ -177,12 +176,6 @@ def list_record_files(data_dir, split):
     if files:
       return files
   raise InputError(f"{data_dir}: no {split}*.tfrec files (looked in it and in its tfrecords/ folder)")
-
-
-def count_in_name(path):
-  """The example count encoded in a shard's name (`train00-2182.tfrec`), or None."""
-  match = _SHARD_COUNT.search(os.path.basename(path))
-  return int(match.group(1)) if match else None
 
 
 def iter_serialized(path):

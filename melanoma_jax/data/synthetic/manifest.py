@@ -1,0 +1,69 @@
+"""The manifest: what a finished dataset holds and what it was made with, the key to reusing a folder.
+
+It is written last, so a folder without one is incomplete; a folder whose manifest holds other parameters, or
+whose files are missing or of another size, is generated again.
+"""
+import hashlib
+import json
+import os
+
+from melanoma_jax.data.synthetic import render
+
+GENERATOR_VERSION = 1
+MANIFEST = "synthetic.json"
+
+
+def file_sha256(path):
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _source_sha256():
+  """One hash of every module of this package (a `sha256sum` listing of them, hashed)."""
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  names = sorted(n for n in os.listdir(package_dir) if n.endswith(".py"))
+  listing = "".join(f"{file_sha256(os.path.join(package_dir, n))}  {n}\n" for n in names)
+  return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+def dataset_params(num_patients, num_test_patients, image_size, seed, min_malignant, num_shards, train_csv,
+                   test_csv):
+  """What determines the dataset's content (the manifest's key to reuse a finished folder).
+
+  Includes a hash of the generator's source, so a changed generator never reuses an older dataset.
+  """
+  return {"generator_version": GENERATOR_VERSION, "generator_sha256": _source_sha256(),
+          "num_patients": num_patients,
+          "num_test_patients": num_test_patients, "image_size": image_size, "seed": seed,
+          "min_malignant": min_malignant, "num_shards": num_shards, "jpeg_quality": render.JPEG_QUALITY,
+          "train_csv_sha256": file_sha256(train_csv), "test_csv_sha256": file_sha256(test_csv)}
+
+
+def complete_manifest(out_dir, params):
+  """The manifest of out_dir if it is complete (all listed files, right sizes) and made with `params`."""
+  try:
+    with open(os.path.join(out_dir, MANIFEST)) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+  if manifest.get("params") != params:
+    return None
+  for name, entry in manifest.get("files", {}).items():
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path) or os.path.getsize(path) != entry["bytes"]:
+      return None
+  return manifest
+
+
+def write_manifest(out_dir, params, counts):
+  """Lists every file of out_dir (bytes, sha256) with params and counts in the manifest; returns it."""
+  files = {name: {"bytes": os.path.getsize(os.path.join(out_dir, name)),
+                  "sha256": file_sha256(os.path.join(out_dir, name))}
+           for name in sorted(os.listdir(out_dir))}
+  manifest = {"params": params, "counts": counts, "files": files}
+  with open(os.path.join(out_dir, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+  return manifest
