@@ -49,23 +49,26 @@ def _setup_jax(cache_dir):
                jax.local_devices()[0].platform, jax.process_count())
 
 
-def run_data_steps(config, workdir):
-  """Leakage check, folds and (for an empty data_dir) synthetic generation; no training."""
-  from melanoma_jax.data import folds  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import image  # pylint: disable=g-import-not-at-top
-  if config.task == "tabular":
-    from melanoma_jax.data import metadata  # pylint: disable=g-import-not-at-top
-    root = config.data_dir
-    train_df = metadata.load_metadata(os.path.join(root, "train.csv") if root else metadata.EMBEDDED_TRAIN_CSV)
-    test_df = metadata.load_metadata(os.path.join(root, "test.csv") if root else metadata.EMBEDDED_TEST_CSV,
-                                     "test")
-    logging.info("%s", metadata.check_leakage(train_df, test_df))
+def _task(name):
+  """The task module of `config.task`: train(config, workdir, start_time), predict(...), train_table(...)."""
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if name == "image":
+    from melanoma_jax.image import task  # pylint: disable=g-import-not-at-top
+  elif name == "tabular":
+    from melanoma_jax.tabular import task  # pylint: disable=g-import-not-at-top
   else:
-    train_df = image.resolve_data(config, workdir).train_df
+    raise InputError(f"config.task={name!r} must be 'image' or 'tabular'")
+  return task
+
+
+def run_data_steps(task, config, workdir):
+  """Leakage check, folds and (image task, empty data_dir) synthetic generation; no training."""
+  from melanoma_jax.data import folds  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.results import write_results  # pylint: disable=g-import-not-at-top
+  train_df = task.train_table(config, workdir)
   fold_ids = folds.assign_folds(train_df, int(config.num_folds), int(config.seed))
   summary = folds.fold_summary(train_df, fold_ids)
   logging.info("patient-grouped folds:\n%s", summary.to_string())
-  from melanoma_jax.utils.results import write_results  # pylint: disable=g-import-not-at-top
   write_results(workdir, {"mode": "data", "images": len(train_df), "malignant": int(train_df["target"].sum()),
                           "patients": int(train_df["patient_id"].nunique()),
                           "folds": summary.reset_index().to_dict("records")}, config)
@@ -73,34 +76,23 @@ def run_data_steps(config, workdir):
 
 def main(argv):
   del argv
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   config, workdir = FLAGS.config, FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   _quiet_libraries()
   try:
     _setup_jax(FLAGS.jax_cache_dir)
+    task = _task(config.task)
     if FLAGS.mode == "data":
-      run_data_steps(config, workdir)
-    elif config.task == "tabular":
-      from melanoma_jax.tabular import train as tabular_train  # pylint: disable=g-import-not-at-top
-      tabular_train.run(config, workdir)
-    elif config.task == "image":
-      from melanoma_jax.training import image  # pylint: disable=g-import-not-at-top
-      if FLAGS.mode == "predict":
-        image.predict(config, workdir)
-      else:
-        image.train_and_evaluate(config, workdir, start_time=start)
+      run_data_steps(task, config, workdir)
+    elif FLAGS.mode == "predict":
+      task.predict(config, workdir)
     else:
-      raise InputError(f"config.task={config.task!r} must be 'image' or 'tabular'")
-  except InputError as e:
+      task.train(config, workdir, start_time=start)
+  except RunError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception as e:  # pylint: disable=broad-except
-    if type(e).__name__ == "NonFiniteLossError":
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(3)
-    raise
+    sys.exit(e.exit_code)
   print(f"done in {time.time() - start:.0f} s; outputs in {os.path.abspath(workdir)}")
 
 

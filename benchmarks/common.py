@@ -20,8 +20,6 @@ import jax.extend  # ClosedJaxpr, Jaxpr (jaxpr_flops)
 import jax.numpy as jnp
 import numpy as np
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def machine() -> str:
   """A one-line description of where the numbers come from."""
@@ -52,6 +50,35 @@ def filled_variables(model, size, seed=0):
     return jnp.asarray(values, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, abstract_variables(model, size))
+
+
+def classifier(dtype="float32", kernels="auto", remat=False):
+  """The MelanomaClassifier training builds (`build_model`), BatchNorm synchronised over the pmap axis."""
+  from melanoma_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  return build_model("inception_resnet_v2", dtype=dtype, remat=remat, kernels=kernels,
+                     bn_axis_name=steps.AXIS)
+
+
+def pmapped_train_step(model, donate=True):
+  """The training step as training runs it (`steps.p_train(steps.make_train_step(...))`), classes 1:1."""
+  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  return steps.p_train(steps.make_train_step(model, (1.0, 1.0)), donate=donate)
+
+
+def compile_train_step(model, state, batch):
+  """(`pmapped_train_step(model)` compiled ahead of time for `state` and `batch`, seconds it took)."""
+  start = time.perf_counter()
+  compiled = pmapped_train_step(model).lower(state, batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def train_batch(global_batch, size):
+  """A fixed training batch of host arrays split over the local devices: `random_images`, labels 0, 1, ..."""
+  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  labels = (np.arange(global_batch) % 2).astype(np.float32)
+  return steps.shard_batch({"x": random_images(global_batch, size), "y": labels,
+                            "mask": np.ones(global_batch, np.float32)})
 
 
 def train_state(model, size, global_batch):
@@ -119,21 +146,18 @@ def jaxpr_flops(jaxpr) -> float:
   return total
 
 
-def step_flops(size, global_batch, dtype, kernel_grad, remat):
+def step_flops(size, global_batch, dtype, kernels, remat):
   """FLOPs of one training step (all devices): its matrix products and convolutions, from its jaxpr."""
-  from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
   from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  model = MelanomaClassifier(dtype=DTYPES[dtype], remat=remat, kernel_grad=kernel_grad,
-                             bn_axis_name=steps.AXIS)
+  model = classifier(dtype, kernels, remat)
   state = jax.eval_shape(lambda v: state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0),
                                                                 None, variables=v),
                          abstract_variables(model, size))
   devices = jax.local_device_count()
   shard = lambda *shape: jax.ShapeDtypeStruct((devices, global_batch // devices) + shape, jnp.float32)
   batch = {"x": shard(size, size, 3), "y": shard(), "mask": shard()}
-  step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)), donate=False)
+  step = pmapped_train_step(model, donate=False)
   return jaxpr_flops(jax.make_jaxpr(step)(state, batch).jaxpr) * devices
 
 

@@ -2,7 +2,7 @@
 
 Every distinct convolution of InceptionResNetV2 at --size and --global_batch (found by intercepting the
 model's own conv modules, so none is missed or invented) is timed twice: as the train step computes it
-(`melanoma_jax.models.conv`: 1x1 as dots, the im2col or XLA kernel gradient per --kernel_grad) and as
+(`melanoma_jax.models.conv`, as --kernels says: 1x1 as dots, the im2col kernel gradient, ...) and as
 Keras/TF runs it without XLA (Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter: oneDNN). Forward and
 backward (input and kernel gradients; no input gradient for the first layer) are timed apart, the two
 sides taking turns, and checked to agree before anything is timed. Totals weight each shape by how often
@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from melanoma_jax.models import conv
-from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS, InceptionResNetV2
+from melanoma_jax.models import build_model, conv, KERNELS
+from melanoma_jax.models.kernels import resolve
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -49,8 +49,8 @@ def parse_args(argv=None):
   parser.add_argument("--cores", type=int, default=0, help="pin to this many cores (0 = all)")
   parser.add_argument("--reps", type=int, default=5,
                       help="timed calls in a row per side, part and round (2 rounds; median)")
-  parser.add_argument("--kernel_grad", choices=KERNEL_GRADS, default="auto",
-                      help="spatial-convolution kernel gradient (auto = im2col, the CPU's choice)")
+  parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                      help="the XLA:CPU workarounds (models/kernels.py; auto = cpu, this being the CPU)")
   parser.add_argument("--top", type=int, default=12, help="rows of the table (largest gaps first)")
   parser.add_argument("--out", default=None, help="also write the JSON line to this file")
   parser.add_argument("--tf_worker", default=None, help=argparse.SUPPRESS)  # Its layers' JSON file.
@@ -67,10 +67,10 @@ def pin_cores(cores):
   return len(os.sched_getaffinity(0))
 
 
-Layer = collections.namedtuple("Layer", "kind x_shape kernel_shape strides padding im2col first")
+Layer = collections.namedtuple("Layer", "kind x_shape kernel_shape strides padding first")
 
 
-def network_convs(size, global_batch, kernel_grad):
+def network_convs(size, global_batch):
   """{Layer: count} of every convolution InceptionResNetV2 runs on a [global_batch, size, size, 3] batch."""
   found = []
 
@@ -78,26 +78,25 @@ def network_convs(size, global_batch, kernel_grad):
     module, x = context.module, args[0] if args else None
     if context.method_name == "__call__" and isinstance(module, conv.SpatialConv):
       kernel = tuple(module.kernel_size) + (x.shape[-1], module.features)
-      found.append(Layer("spatial", x.shape, kernel, tuple(module.strides), module.padding,
-                         module.im2col_grad, not found))
+      found.append(Layer("spatial", x.shape, kernel, tuple(module.strides), module.padding, not found))
     elif context.method_name == "__call__" and isinstance(module, conv.PointwiseConv):
       found.append(Layer("pointwise", x.shape, (1, 1, x.shape[-1], module.features), (1, 1), "SAME",
-                         False, not found))
+                         not found))
     return next_fun(*args, **kwargs)
 
-  model = InceptionResNetV2(num_classes=None, kernel_grad=kernel_grad)
+  model = build_model("inception_resnet_v2")  # The classifier's head has no convolutions.
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                       jnp.zeros((global_batch, size, size, 3)), train=False))
   return collections.Counter(found)
 
 
-def ours(layer):
-  """(forward(x, kernel), backward(x, kernel, dy)) jitted as the train step computes them."""
+def ours(layer, kernels):
+  """(forward(x, kernel), backward(x, kernel, dy)) jitted as the train step computes them with `kernels`."""
   if layer.kind == "pointwise":
-    fn = lambda x, kernel: conv.pointwise(x, kernel[0, 0])
+    fn = lambda x, kernel: conv.conv1x1(x, kernel, kernels)
   else:
-    fn = lambda x, kernel: conv.spatial(x, kernel, layer.strides, layer.padding, layer.im2col)
+    fn = lambda x, kernel: conv.spatial(x, kernel, layer.strides, layer.padding, kernels)
   if layer.first:  # The image needs no gradient.
     backward = lambda x, kernel, dy: jax.vjp(lambda k: fn(x, k), kernel)[1](dy)
   else:
@@ -209,9 +208,9 @@ class TFProcess:
     self.proc.wait(timeout=60)
 
 
-def measure(index, layer, worker, workdir, reps):
+def measure(index, layer, kernels, worker, workdir, reps):
   """{side: {part: ms}} for one layer, after checking that both sides compute the same."""
-  side = Side(layer, ours(layer))
+  side = Side(layer, ours(layer, kernels))
   path = os.path.join(workdir, f"{index}.npz")
   worker.ask(index, "check", path)
   with np.load(path) as theirs:
@@ -240,13 +239,14 @@ def main(argv=None):
   cores = pin_cores(args.cores)
   common.reexec_with_malloc_tunables(True)
   jax.config.update("jax_platforms", "cpu")  # A CPU benchmark, on a GPU host too.
-  layers = network_convs(args.size, args.global_batch, args.kernel_grad)
+  layers = network_convs(args.size, args.global_batch)
+  kernels = resolve(args.kernels)
   common.log(f"{sum(layers.values())} convolutions, {len(layers)} distinct; {cores} cores")
   rows, totals = [], {side: collections.Counter() for side in ("ours", "tf")}
   with tempfile.TemporaryDirectory() as workdir:
     worker = TFProcess(layers, workdir)
     for i, (layer, count) in enumerate(layers.items()):
-      ms = measure(i, layer, worker, workdir, args.reps)
+      ms = measure(i, layer, kernels, worker, workdir, args.reps)
       for side in totals:
         totals[side].update({part: count * t for part, t in ms[side].items()})
       rows.append((count * (sum(ms["ours"].values()) - sum(ms["tf"].values())), layer, count, ms))
@@ -259,7 +259,7 @@ def main(argv=None):
     print(f"  {gap:+8.1f}  {layer.kind:9s} {describe(layer):28s} x{count:<3d} ours "
           f"{sum(ms['ours'].values()):7.2f}  TF {sum(ms['tf'].values()):7.2f}")
   result = {"name": "conv_layers", "size": args.size, "global_batch": args.global_batch,
-            "cores": cores, "kernel_grad": args.kernel_grad, "machine": common.machine(),
+            "cores": cores, "kernels": args.kernels, "machine": common.machine(),
             "convolutions": sum(layers.values()), "distinct": len(layers)}
   for side, parts in totals.items():
     result[f"{side}_forward_ms"] = round(parts["forward"], 1)

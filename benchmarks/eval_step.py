@@ -1,8 +1,8 @@
 """Images/s of inference (the prediction step of `--mode=predict`), without and with flip TTA.
 
-The step is `training.image.make_predict_step`: MelanomaClassifier in inference mode, sigmoid, pmapped
-over all local devices; with TTA it averages the original and the two flipped views (3 forwards per
-image). Compile time is reported apart from the steady state.
+The step is prediction's `steps.p_predict(steps.make_predict_step(model, tta))`: MelanomaClassifier in
+inference mode, sigmoid, pmapped over all local devices; with TTA it averages the original and the two
+flipped views (3 forwards per image). Compile time is reported apart from the steady state.
 
   .venv/bin/python benchmarks/eval_step.py                          # 299x299, global batch 16, float32
   .venv/bin/python benchmarks/eval_step.py --size 1024 --dtype bfloat16 --out r.json
@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax.models import build_model, DTYPES, KERNELS  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
@@ -23,16 +24,17 @@ def parse_args(argv=None):
   parser.add_argument("--size", type=int, default=299)
   parser.add_argument("--global_batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per setting")
-  parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+  parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                      help="the XLA:CPU workarounds (models/kernels.py; auto = cpu on the CPU backend)")
   parser.add_argument("--out", default=None, help="also write the JSON line to this file")
   return parser.parse_args(argv)
 
 
 def measure(model, state, images, tta, steps):
   """(compile seconds, steady-state images/s) of the predict step."""
-  from melanoma_jax.training import image as image_training  # pylint: disable=g-import-not-at-top
   from melanoma_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  predict = image_training.make_predict_step(model, tta=tta)
+  predict = steps_lib.p_predict(steps_lib.make_predict_step(model, tta=tta))
   batch = steps_lib.shard_batch({"x": images})
   first_s, _ = common.timed(lambda: predict(state, batch))
   times = [common.timed(lambda: predict(state, batch))[0] for _ in range(steps)]
@@ -42,13 +44,13 @@ def measure(model, state, images, tta, steps):
 def main(argv=None):
   args = parse_args(argv)
   common.reexec_with_malloc_tunables(True)
-  from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
   jax = common.jax
-  model = MelanomaClassifier(dtype=common.DTYPES[args.dtype])
+  model = build_model("inception_resnet_v2", dtype=args.dtype, kernels=args.kernels)
   state = common.train_state(model, args.size, args.global_batch)
   images = common.random_images(args.global_batch, args.size)
   result = {"name": "eval_step", "size": args.size, "global_batch": args.global_batch,
-            "dtype": args.dtype, "machine": common.machine(), "devices": jax.local_device_count()}
+            "dtype": args.dtype, "kernels": args.kernels, "machine": common.machine(),
+            "devices": jax.local_device_count()}
   for tta in (False, True):
     label = "tta" if tta else "plain"
     common.log(f"{label}: compiling ...")

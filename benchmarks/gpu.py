@@ -14,7 +14,7 @@ Memory is XLA's estimate and, where the runtime reports it, the devices' peak us
   pip install "jax[cuda13]==0.10.2"   # once, on the GPU host (see README, GPU)
   .venv/bin/python benchmarks/gpu.py                        # 299 (64/GPU) and 1024 (16/GPU, remat)
   .venv/bin/python benchmarks/gpu.py --configs 1024:16:remat,1024:16 --out gpu.json
-  .venv/bin/python benchmarks/gpu.py --configs 299:64:xla,299:64:im2col   # kernel gradients compared
+  .venv/bin/python benchmarks/gpu.py --configs 299:64:xla,299:64:cpu   # the XLA:CPU workarounds off, on
 
 The last line printed is one JSON object.
 """
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax.models import DTYPES, KERNELS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Peak dense bfloat16 tensor-core FLOP/s per chip (vendor data sheets), by jax device_kind prefix.
 PEAK_BF16_TFLOPS = {
@@ -44,9 +45,9 @@ PEAK_BF16_TFLOPS = {
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--configs", default="299:64,1024:16:remat",
-                      help="comma-separated SIZE:PER_DEVICE_BATCH[:remat][:auto|im2col|xla] settings "
-                           "(the last: the spatial convolutions' kernel gradient, default auto)")
-  parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="bfloat16")
+                      help="comma-separated SIZE:PER_DEVICE_BATCH[:remat][:auto|cpu|xla] settings "
+                           "(the last: the XLA:CPU workarounds, models/kernels.py, default auto)")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per setting")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="peak dense FLOP/s per chip in TFLOP/s (0 = from the table of known chips)")
@@ -64,14 +65,14 @@ def peak_tflops(override):
   return None
 
 
-def measure(size, per_device, remat, kernel_grad, args):
+def measure(size, per_device, remat, kernels, args):
   jax = common.jax
   devices = jax.local_device_count()
   bench_args = argparse.Namespace(size=size, global_batch=per_device * devices, dtype=args.dtype,
-                                  remat=remat, kernel_grad=kernel_grad, compile_only=False,
+                                  remat=remat, kernels=kernels, compile_only=False,
                                   batch_on_device=True)
-  work = common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=False)
-  executed = (common.step_flops(size, bench_args.global_batch, args.dtype, kernel_grad, remat=True)
+  work = common.step_flops(size, bench_args.global_batch, args.dtype, kernels, remat=False)
+  executed = (common.step_flops(size, bench_args.global_batch, args.dtype, kernels, remat=True)
               if remat else work)
   ours = train_step.OursBench(bench_args)
   wall, _ = ours.run(args.steps)
@@ -81,7 +82,7 @@ def measure(size, per_device, remat, kernel_grad, args):
   achieved = work / step_s / 1e12 / devices
   executed_rate = executed / step_s / 1e12 / devices
   stats = jax.local_devices()[0].memory_stats() or {}
-  row = {"size": size, "per_device_batch": per_device, "remat": remat, "kernel_grad": kernel_grad,
+  row = {"size": size, "per_device_batch": per_device, "remat": remat, "kernels": kernels,
          "images_per_s": round(bench_args.global_batch / step_s, 1), "step_s": round(step_s, 4),
          "compile_s": round(ours.compile_s, 1),
          "model_gflops_per_image": per_image(work),
@@ -102,10 +103,10 @@ def parse_spec(spec):
   """'1024:16:remat:xla' -> (1024, 16, True, 'xla')."""
   parts = spec.split(":")
   flags = set(parts[2:])
-  grads = flags & set(train_step.KERNEL_GRADS)
-  if len(parts) < 2 or flags - grads - {"remat"} or len(grads) > 1:
-    raise SystemExit(f"--configs: cannot read {spec!r} (SIZE:PER_DEVICE_BATCH[:remat][:auto|im2col|xla])")
-  return int(parts[0]), int(parts[1]), "remat" in flags, grads.pop() if grads else "auto"
+  kernels = flags & set(KERNELS)
+  if len(parts) < 2 or flags - kernels - {"remat"} or len(kernels) > 1:
+    raise SystemExit(f"--configs: cannot read {spec!r} (SIZE:PER_DEVICE_BATCH[:remat][:auto|cpu|xla])")
+  return int(parts[0]), int(parts[1]), "remat" in flags, kernels.pop() if kernels else "auto"
 
 
 def main(argv=None):
@@ -119,21 +120,21 @@ def main(argv=None):
     common.log(f"warning: no GPU visible to JAX (platform {jax.devices()[0].platform}); "
                "install jax[cuda13] for numbers that mean anything")
   specs = [parse_spec(spec) for spec in args.configs.split(",")]
-  for size, per_device, remat, kernel_grad in specs:
+  for size, per_device, remat, kernels in specs:
     try:
-      result["runs"].append(measure(size, per_device, remat, kernel_grad, args))
+      result["runs"].append(measure(size, per_device, remat, kernels, args))
     except Exception as e:  # pylint: disable=broad-except  (out of memory, say: report it, go on)
       message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
       traceback.print_exc()
-      common.log(f"{size}:{per_device} remat={remat} kernel_grad={kernel_grad} failed: {message}")
+      common.log(f"{size}:{per_device} remat={remat} kernels={kernels} failed: {message}")
       result["runs"].append({"size": size, "per_device_batch": per_device, "remat": remat,
-                             "kernel_grad": kernel_grad, "error": message})
-  common.log("size batch/dev remat grad   img/s   MFU   HFU  peak GiB")
+                             "kernels": kernels, "error": message})
+  common.log("size batch/dev remat kernels  img/s   MFU   HFU  peak GiB")
   for row in result["runs"]:
     common.log(f"{row['size']:4d} {row['per_device_batch']:9d} {str(row['remat']):5s} "
-               f"{row['kernel_grad']:6s} " + (f"{row['images_per_s']:7.1f} {row['mfu'] or 0:5.3f} "
-                                            f"{row['hfu'] or 0:5.3f} {row['peak_memory_gib']}"
-                                            if "error" not in row else row["error"][:60]))
+               f"{row['kernels']:7s} " + (f"{row['images_per_s']:7.1f} {row['mfu'] or 0:5.3f} "
+                                          f"{row['hfu'] or 0:5.3f} {row['peak_memory_gib']}"
+                                          if "error" not in row else row["error"][:60]))
   common.emit(result, args.out)
 
 

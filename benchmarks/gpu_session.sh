@@ -6,7 +6,7 @@
 set -u
 out=${1:?output folder}; budget=${2:-540}; shift $(( $# > 1 ? 2 : $# ))
 settings=("$@")
-[ ${#settings[@]} -gt 0 ] || settings=(299:64 1024:16:remat 299:64:im2col 1024:16 299:128)
+[ ${#settings[@]} -gt 0 ] || settings=(299:64 1024:16:remat 299:64:cpu 1024:16 299:128)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader

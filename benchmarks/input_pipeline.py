@@ -71,14 +71,16 @@ def worker(args, threads):
   import pandas as pd  # pylint: disable=g-import-not-at-top
   from configs import image as image_config  # pylint: disable=g-import-not-at-top
   from melanoma_jax.data import pipeline, records  # pylint: disable=g-import-not-at-top
-  config = image_config.get_config()
+  from melanoma_jax.image import setup  # pylint: disable=g-import-not-at-top
+  config = image_config.get_config()  # The recipe's augmentation and oversampling.
   config.image_size = args.size
   config.per_device_batch_size = args.batch // common.jax.local_device_count()
   config.augment.enabled = not args.no_augment
   df = pd.read_csv(os.path.join(args.data, "train.csv"))
   names = list(df.image_name)
   files = records.list_record_files(args.data, "train")
-  pipe = pipeline.ImagePipeline(files, [], dict(zip(names, df.target)), names[:-8], names[-8:], config)
+  pipe = pipeline.ImagePipeline(files, [], dict(zip(names, df.target)), names[:-8], names[-8:],
+                                **setup.resolve(config).pipeline_kwargs)
   options = tf_.data.Options()
   if threads:
     options.threading.private_threadpool_size = threads

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import tabular as tabular_config
-from melanoma_jax.tabular import train
+from melanoma_jax.tabular import task
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/tabular_bench", "Parent of the two run directories (replaced).")
@@ -37,7 +37,7 @@ def _baselines(config):
   from melanoma_jax.data import folds
   from melanoma_jax.tabular import features
 
-  train_df, _ = train.load_tables(config)
+  train_df, _ = task.load_tables(config)
   fold_ids = folds.assign_folds(train_df, config.num_folds, config.seed)
   y = train_df["target"].to_numpy()
   models = {
@@ -71,7 +71,7 @@ def main(argv):
     workdir = os.path.join(FLAGS.workdir, "context" if context else "seed_features")
     shutil.rmtree(workdir, ignore_errors=True)
     start = time.time()
-    results = train.run(config, workdir)
+    results = task.train(config, workdir)
     seconds = time.time() - start
     folds = " ".join(f"{a:.4f}" for a in results["fold_aucs"])
     epochs = " ".join(f"{d['best_epoch']}/{d['epochs_run']}" for d in results["folds"])

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from melanoma_jax.models.inception_resnet_v2 import KERNEL_GRADS  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax.models import DTYPES, KERNELS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 KERAS_BACKENDS = {  # name: (KERAS_BACKEND, jit_compile)
     "tf": ("tensorflow", False),
@@ -39,10 +39,10 @@ def parse_args(argv=None):
   parser.add_argument("--global_batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=2, help="steps per side and round")
   parser.add_argument("--rounds", type=int, default=2, help="alternations per Keras backend")
-  parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="float32")
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
   parser.add_argument("--remat", action="store_true", help="recompute residual blocks (ours)")
-  parser.add_argument("--kernel_grad", choices=KERNEL_GRADS, default="auto",
-                      help="spatial-convolution kernel gradient (ours; auto = im2col on CPU)")
+  parser.add_argument("--kernels", choices=KERNELS, default="auto",
+                      help="the XLA:CPU workarounds (ours; models/kernels.py; auto = cpu on the CPU backend)")
   parser.add_argument("--keras", default="tf,tf_xla,jax",
                       help="comma-separated Keras backends to compare with (tf, tf_xla, jax) or 'none'")
   parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
@@ -61,26 +61,18 @@ class OursBench:
   """Our pmapped train step on a fixed batch; `first_step_s` includes compilation."""
 
   def __init__(self, args):
-    from melanoma_jax.models import MelanomaClassifier  # pylint: disable=g-import-not-at-top
     from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
-    jax, np = common.jax, common.np
-    devices = jax.local_device_count()
-    model = MelanomaClassifier(dtype=common.DTYPES[args.dtype], remat=args.remat,
-                               kernel_grad=args.kernel_grad, bn_axis_name=steps.AXIS)
+    devices = common.jax.local_device_count()
+    model = common.classifier(args.dtype, args.kernels, args.remat)
     self.state = common.train_state(model, args.size, args.global_batch)
-    self.step = steps.p_train(steps.make_train_step(model, (1.0, 1.0)))
-    labels = (np.arange(args.global_batch) % 2).astype(np.float32)
     # Host arrays, as Keras gets them: the host-to-device copy is part of every step.
-    self.batch = steps.shard_batch({"x": common.random_images(args.global_batch, args.size),
-                                    "y": labels, "mask": np.ones(args.global_batch, np.float32)})
+    self.batch = common.train_batch(args.global_batch, args.size)
     if getattr(args, "batch_on_device", False):  # As training's prefetch_to_device delivers it.
       self.batch = next(steps.prefetch_to_device([(self.batch, None)]))[0]
     self.devices = devices
     self.cpu_s = []
     # Compiled ahead of time so XLA's own cost and memory analysis of this very program can be reported.
-    start = time.perf_counter()
-    compiled = self.step.lower(self.state, self.batch).compile()
-    self.compile_s = time.perf_counter() - start
+    compiled, self.compile_s = common.compile_train_step(model, self.state, self.batch)
     self.step = compiled
     flops = common.flops(compiled)
     self.flops_per_step = flops * devices if flops is not None else None
@@ -107,7 +99,7 @@ class OursBench:
 def flops_per_image(ours, args):
   """GFLOPs per image of the step: its convolutions and matrix products (jaxpr; remat's recomputation
   included when on) and XLA's cost analysis of the compiled step (which counts a loop body once)."""
-  model = common.step_flops(args.size, args.global_batch, args.dtype, args.kernel_grad, args.remat)
+  model = common.step_flops(args.size, args.global_batch, args.dtype, args.kernels, args.remat)
   xla = ours.flops_per_step
   return {"gflops_per_image": round(model / args.global_batch / 1e9, 2),
           "xla_gflops_per_image": round(xla / args.global_batch / 1e9, 2) if xla else None}

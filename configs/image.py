@@ -52,11 +52,12 @@ def get_config():
   config.model.dropout_rate = 0.1
   config.model.dtype = "bfloat16"  # Compute dtype; parameters, BatchNorm statistics and the loss stay float32.
   # Recompute residual blocks in the backward pass: 1024x1024 x 16 per device in 11.9 GiB instead of 21.7
-  # (bfloat16, measured on an H100), at 16% of the throughput; False on devices with 24 GiB or more.
+  # (bfloat16, measured on an H100), costing 16% of the throughput; False on devices with 24 GiB or more.
   config.model.remat = True
-  # Kernel gradient of the spatial convolutions: "auto" = im2col on the CPU (faster there), XLA's own
-  # (cuDNN) on a GPU; "im2col" or "xla" to force one. Same values either way.
-  config.model.kernel_grad = "auto"
+  # "auto": the kernels tuned for XLA:CPU on a CPU (1x1 convolutions as dots, im2col kernel gradients,
+  # one-pass max-pool gradient, materialised residual outputs), XLA's plain ops elsewhere; "cpu" or
+  # "xla" to force one. Same values either way (models/kernels.py).
+  config.model.kernels = "auto"
 
   # The seed's schedule: linear ramp lr_start -> lr_max over warmup_epochs, then lr *= decay each epoch.
   config.optimizer = ml_collections.ConfigDict()

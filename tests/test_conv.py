@@ -1,4 +1,7 @@
-"""The fast convolutions equal nn.Conv in value and gradient, with the same variables."""
+"""The fast convolutions equal nn.Conv in value and gradient, with the same variables, whichever of their
+`Kernels` are on; the kernels switch itself."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,6 +9,9 @@ import numpy as np
 import pytest
 
 from melanoma_jax.models import conv
+from melanoma_jax.models import kernels as kernels_lib
+from melanoma_jax.models.kernels import CPU, XLA
+from melanoma_jax.utils.errors import InputError
 
 CASES = [  # (input shape, kernel, strides, padding): the kinds InceptionResNetV2 has.
     ((2, 11, 11, 5), (3, 3), (1, 1), "SAME"),
@@ -28,15 +34,27 @@ def _loss_and_grads(module, variables, x):
   return y, grads
 
 
-@pytest.mark.parametrize("im2col_grad", [False, True, "per_image"])
+SPATIAL_KERNELS = {  # SpatialConv with and without its workaround.
+    "xla": XLA,
+    "im2col_grad": dataclasses.replace(XLA, im2col_grad=True),
+    "cpu": CPU,
+    "per_image": CPU,  # The kernel gradient accumulated image by image (large columns).
+}
+POINTWISE_KERNELS = {  # The convolution, the dot with JAX's gradient, the dot with x^T dy.
+    "xla": XLA,
+    "pointwise_dot": dataclasses.replace(XLA, pointwise_dot=True),
+    "cpu": CPU,
+}
+
+
+@pytest.mark.parametrize("kernels", list(SPATIAL_KERNELS))
 @pytest.mark.parametrize("shape,kernel,strides,padding", CASES)
-def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding, im2col_grad, monkeypatch):
-  if im2col_grad == "per_image":  # The kernel gradient accumulated image by image (large columns).
+def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding, kernels, monkeypatch):
+  if kernels == "per_image":
     monkeypatch.setattr(conv, "_PER_IMAGE_COLUMNS_BYTES", 0)
-    im2col_grad = True
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   reference = nn.Conv(6, kernel, strides=strides, padding=padding, use_bias=False)
-  ours = conv.SpatialConv(6, kernel, strides=strides, padding=padding, im2col_grad=im2col_grad)
+  ours = conv.SpatialConv(6, kernel, strides=strides, padding=padding, kernels=SPATIAL_KERNELS[kernels])
   variables = reference.init(jax.random.PRNGKey(1), x)
   assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, variables)
   y_ref, (dp_ref, dx_ref) = _loss_and_grads(reference, variables, x)
@@ -46,11 +64,12 @@ def test_spatial_conv_matches_nn_conv(shape, kernel, strides, padding, im2col_gr
   np.testing.assert_allclose(dp["kernel"], dp_ref["kernel"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernels", list(POINTWISE_KERNELS))
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_pointwise_conv_matches_nn_conv(use_bias):
+def test_pointwise_conv_matches_nn_conv(use_bias, kernels):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 7))
   reference = nn.Conv(4, (1, 1), use_bias=use_bias)
-  ours = conv.PointwiseConv(4, use_bias=use_bias)
+  ours = conv.PointwiseConv(4, use_bias=use_bias, kernels=POINTWISE_KERNELS[kernels])
   variables = reference.init(jax.random.PRNGKey(1), x)
   if use_bias:
     variables = jax.tree.map(lambda v: v + 0.5, variables)  # A non-zero bias, so it is checked.
@@ -63,10 +82,10 @@ def test_pointwise_conv_matches_nn_conv(use_bias):
     np.testing.assert_allclose(dp[name], dp_ref[name], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("im2col_grad", [False, True])
-def test_bfloat16_compute_keeps_float32_parameters_and_gradients(im2col_grad):
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
+def test_bfloat16_compute_keeps_float32_parameters_and_gradients(kernels):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 4))
-  ours = conv.SpatialConv(6, (3, 3), dtype=jnp.bfloat16, im2col_grad=im2col_grad)
+  ours = conv.SpatialConv(6, (3, 3), dtype=jnp.bfloat16, kernels=kernels)
   variables = ours.init(jax.random.PRNGKey(1), x)
   y, (dp, _) = _loss_and_grads(ours, variables, x)
   assert variables["params"]["kernel"].dtype == jnp.float32 and dp["kernel"].dtype == jnp.float32
@@ -77,10 +96,13 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients(im2col_grad):
   assert float(jnp.abs(dp["kernel"] - dp_ref["kernel"]).max()) < 0.05 * scale
 
 
-def test_kernel_gradient_choice_follows_the_backend_unless_named():
-  from melanoma_jax.models import inception_resnet_v2 as irv2  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  assert irv2.use_im2col_grad("auto") == (jax.default_backend() == "cpu")
-  assert irv2.use_im2col_grad("im2col") and not irv2.use_im2col_grad("xla")
-  with pytest.raises(InputError, match="kernel_grad='cudnn' must be one of auto, im2col, xla"):
-    irv2.use_im2col_grad("cudnn")
+def test_kernels_choice_follows_the_backend_unless_named():
+  fields = [f.name for f in dataclasses.fields(kernels_lib.Kernels)]
+  assert all(getattr(CPU, f) for f in fields) and not any(getattr(XLA, f) for f in fields)
+  assert kernels_lib.resolve("auto") == (CPU if jax.default_backend() == "cpu" else XLA)
+  assert kernels_lib.resolve("auto", backend="gpu") == XLA and kernels_lib.resolve("auto", "cpu") == CPU
+  assert kernels_lib.resolve("cpu", backend="gpu") == CPU and kernels_lib.resolve("xla", "cpu") == XLA
+  one_off = dataclasses.replace(CPU, pool_grad=False)
+  assert kernels_lib.resolve(one_off) is one_off and len({CPU, XLA, one_off}) == 3  # Hashable.
+  with pytest.raises(InputError, match="kernels='cudnn' must be one of auto, cpu, xla"):
+    kernels_lib.resolve("cudnn")

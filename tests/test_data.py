@@ -106,8 +106,14 @@ def test_folds_group_patients_and_stratify(real_train):
 def test_fold_errors(real_train):
   with pytest.raises(InputError, match="num_folds"):
     folds.assign_folds(real_train, num_folds=1)
-  with pytest.raises(InputError, match="fold must be in"):
-    folds.split(real_train.head(100), 5, 7)
+  folds.check_folds_have_both_classes(real_train, folds.assign_folds(real_train, 5, seed=0), range(5))
+  subset = real_train.head(200)
+  fold_ids = folds.assign_folds(subset, num_folds=5, seed=0)
+  with pytest.raises(InputError, match="fold 2 of 5 leaves the validation split with only one class"):
+    folds.check_folds_have_both_classes(subset.assign(target=(fold_ids != 2).astype(int)), fold_ids, [2])
+  with pytest.raises(InputError, match="fold 1 of 5 leaves the training split with only one class"):
+    only_in_fold_1 = (np.arange(200) == np.flatnonzero(fold_ids == 1)[0]).astype(int)
+    folds.check_folds_have_both_classes(subset.assign(target=only_in_fold_1), fold_ids, [1])
 
 
 # --------------------------------------------------------------------------------------------- records

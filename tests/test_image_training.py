@@ -17,8 +17,8 @@ from sklearn import metrics as sk_metrics
 
 from configs import demo
 from melanoma_jax.data import synthetic
-from melanoma_jax.training import image
-from melanoma_jax.utils.errors import InputError
+from melanoma_jax.image import setup, task as image
+from melanoma_jax.utils.errors import InputError, NonFiniteLossError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.name=tiny", "--config.image_size=75", "--config.per_device_batch_size=2",
@@ -84,7 +84,7 @@ def test_run_writes_results_checkpoints_and_predictions(uninterrupted, data_dir)
   assert submission["target"].between(0, 1).all() and submission["target"].nunique() > 1
   assert (workdir / "roc.png").stat().st_size > 0
   assert any((workdir / "tensorboard").iterdir())
-  assert sorted(p.name for p in (workdir / "checkpoints" / "best").iterdir() if p.name.isdigit())
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_oof_auc_is_exact(uninterrupted):
@@ -100,7 +100,7 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, data_dir, tmp_path
   reference, _ = uninterrupted
   workdir = tmp_path / "killed"
   proc = _main(workdir, data_dir, wait=False)
-  latest = workdir / "checkpoints" / "latest"
+  latest = workdir / "checkpoints"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
@@ -123,7 +123,7 @@ def test_rerun_of_a_finished_run_does_not_train_again(uninterrupted, data_dir, c
   workdir, _ = uninterrupted
   before = json.loads((workdir / "results.json").read_text())
   with caplog.at_level("INFO"):
-    results = image.train_and_evaluate(_config(data_dir), str(workdir))
+    results = image.train(_config(data_dir), str(workdir))
   assert "training already finished" in caplog.text
   assert results["history"] == before["history"] and results["steps"] == before["steps"]
 
@@ -143,7 +143,8 @@ def test_predict_mode_with_tta(uninterrupted, data_dir, tmp_path):
     ({"global_batch_size": 12}, "config.global_batch_size=12 is not divisible by the 8 local devices"),
     ({"fold": 5}, "config.fold=5 must be in [0, config.num_folds=5)"),
     ({"per_device_batch_size": 0}, "config.per_device_batch_size=0 must be >= 1"),
-    ({"model.kernel_grad": "cudnn"}, "config.model.kernel_grad='cudnn' must be one of auto, im2col, xla"),
+    ({"model.kernels": "cudnn"}, "config.model.kernels='cudnn' must be one of auto, cpu, xla"),
+    ({"global_batch_size": -8}, "config.global_batch_size=-8 must be >= 0"),
 ])
 def test_bad_configs_are_refused(override, message):
   config = demo.get_config()
@@ -154,22 +155,23 @@ def test_bad_configs_are_refused(override, message):
       node = node[parent]
     node[leaf] = value
   with pytest.raises(InputError) as error:
-    image.validate_config(config)
+    setup.resolve(config, num_devices=8)
   assert message in str(error.value)
 
 
 def test_missing_data_dir_is_named(tmp_path):
   with pytest.raises(InputError, match=f"{tmp_path / 'no_such_dir'}: data directory not found"):
-    image.train_and_evaluate(_config(tmp_path / "no_such_dir"), str(tmp_path / "w"))
+    image.train(_config(tmp_path / "no_such_dir"), str(tmp_path / "w"))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # The 1e39 weights, on purpose.
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "nan")
-  image.train_and_evaluate(_config(data_dir, num_epochs=1), workdir)
-  latest_dir = tmp_path / "nan" / "checkpoints" / "latest"
+  image.train(_config(data_dir, num_epochs=1), workdir)
+  latest_dir = tmp_path / "nan" / "checkpoints"
   latest = sorted(int(p.name) for p in latest_dir.iterdir() if p.name.isdigit())
-  with pytest.raises(image.NonFiniteLossError) as error:  # Weights overflow float32: an inf/NaN loss.
-    image.train_and_evaluate(_config(data_dir, num_epochs=2, class_weights=(1e39, 1e39)), workdir)
+  with pytest.raises(NonFiniteLossError) as error:  # Weights overflow float32: an inf/NaN loss.
+    image.train(_config(data_dir, num_epochs=2, class_weights=(1e39, 1e39)), workdir)
   message = str(error.value)
   assert f"at step {latest[-1] + 1};" in message and f"step {latest[-1]})" in message
   assert sorted(int(p.name) for p in latest_dir.iterdir() if p.name.isdigit()) == latest

@@ -1,9 +1,11 @@
-"""Flax InceptionResNetV2 == keras.applications.InceptionResNetV2; weight conversion; classifier.
+"""Flax InceptionResNetV2 == keras.applications.InceptionResNetV2; weight conversion; classifier; the model
+factory; the XLA:CPU kernels against the plain ops in the whole network.
 
 Keras models are built once per module, with random weights and randomised BatchNorm statistics
 and biases (so that swapped mean/variance, a wrong epsilon or a dropped bias cannot hide behind
 Keras' zero/one initial values). Each jitted Flax function is compiled once and shared.
 """
+import functools
 import os
 import re
 import shutil
@@ -14,15 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from melanoma_jax.models import build_model
+from melanoma_jax.models import DTYPES
 from melanoma_jax.models import Head
 from melanoma_jax.models import InceptionResNetV2
 from melanoma_jax.models import init_with_pretrained_backbone
 from melanoma_jax.models import keras_weights
+from melanoma_jax.models import KERNELS
 from melanoma_jax.models import MelanomaClassifier
+from melanoma_jax.models import MIN_IMAGE_SIZE
 from melanoma_jax.models import with_pretrained_backbone
 from melanoma_jax.models.inception_resnet_v2 import conv_bn_paths
 from melanoma_jax.models.inception_resnet_v2 import materialise
 from melanoma_jax.models.keras_weights import load_keras_weights
+from melanoma_jax.models.mlp import MLP
+from melanoma_jax.models.tiny import TinyClassifier
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
@@ -41,7 +49,11 @@ def count(tree):
 
 def abstract_variables(model):
   return jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
-                                           jnp.zeros((1, 75, 75, 3)), train=False))
+                                           jnp.zeros((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3)), train=False))
+
+
+def shapes_and_dtypes(tree):
+  return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
 
 
 def assert_trees_equal(a, b):
@@ -391,8 +403,7 @@ def test_classifier_tree_and_pretrained_backbone(notop_variables, classifier_sha
       (1536, 512), (512, 256), (256, 64), (64, 16), (16, 1)]
 
   variables = init_with_pretrained_backbone(model, jax.random.PRNGKey(0), notop_variables)
-  assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == jax.tree.map(
-      lambda a: (a.shape, a.dtype), abstract)
+  assert shapes_and_dtypes(variables) == shapes_and_dtypes(abstract)
   assert_trees_equal(variables["params"]["backbone"], notop_variables["params"])
   assert_trees_equal(variables["batch_stats"]["backbone"], notop_variables["batch_stats"])
   assert all(float(jnp.abs(k).max()) > 0 for k in jax.tree.leaves(variables["params"]["head"])
@@ -405,13 +416,19 @@ def test_classifier_tree_and_pretrained_backbone(notop_variables, classifier_sha
     with_pretrained_backbone(variables, bad)
 
 
-def test_frozen_backbone_gets_no_gradient_and_keeps_its_stats(notop_variables, train_images):
-  model = MelanomaClassifier(freeze_backbone=True)
-  variables = init_with_pretrained_backbone(model, jax.random.PRNGKey(0), notop_variables)
+@pytest.mark.parametrize("name", ["inception_resnet_v2", "tiny"])
+def test_frozen_backbone_gets_no_gradient_and_keeps_its_stats(name, notop_variables, train_images):
+  model = build_model(name)
+  if name == "tiny":
+    variables = model.init({"params": jax.random.PRNGKey(0)}, train_images[:2], train=False)
+  else:
+    variables = init_with_pretrained_backbone(model, jax.random.PRNGKey(0), notop_variables)
+  assert set(variables["params"]) == {"backbone", "head"}
+  backbone = lambda params: params["backbone"]
 
   def loss(params, batch_stats, x):
     logits, updated = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"],
+                                  train_backbone=False, mutable=["batch_stats"],
                                   rngs={"dropout": jax.random.PRNGKey(1)})
     return jnp.sum(logits), (logits, updated["batch_stats"])
 
@@ -419,7 +436,7 @@ def test_frozen_backbone_gets_no_gradient_and_keeps_its_stats(notop_variables, t
   grads, (logits, batch_stats) = grad_fn(variables["params"], variables["batch_stats"],
                                          train_images[:2])
   assert logits.shape == (2,)
-  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["backbone"]))
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(backbone(grads)))
   assert all(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(grads["head"]))
   assert_trees_equal(batch_stats, variables["batch_stats"])
 
@@ -436,3 +453,60 @@ def test_bfloat16_keeps_float32_params_and_close_outputs(notop_variables, notop_
   diff = rel_diff(logits, want)
   print(f"bfloat16 vs float32 classifier logits: max rel diff {diff:.2e}")
   assert 0 < diff <= 0.05
+
+
+# ------------------------------------------------------------------------------ kernels, factory
+def test_cpu_and_xla_kernels_give_the_same_network(full_variables, images):
+  """All XLA:CPU workarounds on against all off, through the whole network: the same variables, and the
+  same logits and gradients (parameters and input) up to float rounding."""
+  models = {kernels: InceptionResNetV2(num_classes=1000, kernels=kernels) for kernels in ("cpu", "xla")}
+  assert shapes_and_dtypes(abstract_variables(models["cpu"])) == shapes_and_dtypes(
+      abstract_variables(models["xla"]))
+  weights = jax.random.normal(jax.random.PRNGKey(2), (2, 1000))
+
+  def loss(model, params, x):
+    logits = model.apply({**full_variables, "params": params}, x, train=False)
+    return jnp.sum(logits * weights), logits
+
+  got, want = [jax.jit(jax.value_and_grad(functools.partial(loss, models[k]), argnums=(0, 1),
+                                          has_aux=True))(full_variables["params"], images[75])
+               for k in ("cpu", "xla")]
+  (_, logits), grads = got
+  (_, want_logits), want_grads = want
+  assert rel_diff(logits, want_logits) <= RTOL
+  assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
+  diffs = [rel_diff(g, w) for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))]
+  print(f"cpu vs xla kernels: logits {rel_diff(logits, want_logits):.2e}, gradients up to {max(diffs):.2e}")
+  assert max(diffs) <= RTOL
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_factory_builds_each_model_with_its_arguments(kernels):
+  model = build_model("inception_resnet_v2", dtype="bfloat16", head_sizes=[8, 4], dropout_rate=0.2,
+                      remat=True, kernels=kernels, bn_axis_name="batch")
+  assert isinstance(model, MelanomaClassifier)
+  assert (model.dtype, model.head_sizes, model.dropout_rate, model.remat, model.kernels,
+          model.bn_axis_name) == (jnp.bfloat16, (8, 4), 0.2, True, kernels, "batch")
+  tiny = build_model("tiny", dropout_rate=0.3, kernels=kernels, bn_axis_name="batch")
+  assert isinstance(tiny, TinyClassifier)
+  assert (tiny.dtype, tiny.dropout_rate, tiny.kernels, tiny.bn_axis_name) == (
+      jnp.float32, 0.3, kernels, "batch")
+  mlp = build_model("mlp", hidden_sizes=[16, 8], dropout_rate=0.5)
+  assert isinstance(mlp, MLP) and (mlp.hidden_sizes, mlp.dropout_rate) == ((16, 8), 0.5)
+  # The same variables whatever the kernels.
+  x = jnp.zeros((1, 32, 32, 3))
+  tiny_shapes = lambda k: shapes_and_dtypes(jax.eval_shape(
+      lambda: build_model("tiny", kernels=k).init(jax.random.PRNGKey(0), x, train=False)))
+  assert tiny_shapes(kernels) == tiny_shapes("xla")
+  assert set(DTYPES) == {"float32", "bfloat16"} and MIN_IMAGE_SIZE == 75
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"name": "resnet50"}, "model='resnet50' must be one of inception_resnet_v2, tiny, mlp"),
+    ({"dtype": "float16"}, "dtype='float16' must be one of float32, bfloat16"),
+    ({"kernels": "im2col"}, "kernels='im2col' must be one of auto, cpu, xla"),
+])
+def test_factory_refuses_unknown_names_in_one_line(kwargs, message):
+  with pytest.raises(InputError, match=re.escape(message)) as error:
+    build_model(**{"name": "inception_resnet_v2", **kwargs})
+  assert "\n" not in str(error.value)

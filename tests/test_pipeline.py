@@ -1,4 +1,5 @@
 """The tf.data pipeline: scaling, augmentation, oversampling, determinism, padded evaluation, corrupt JPEGs."""
+import dataclasses
 import io
 
 import numpy as np
@@ -6,7 +7,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from configs import demo
 from melanoma_jax.data import metadata, pipeline, records
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
@@ -23,14 +23,16 @@ def _jpeg(value):
   return buffer.getvalue()
 
 
-def _config(**overrides):
-  config = demo.get_config()
-  config.image_size = SIZE
-  config.per_device_batch_size = 2  # x 8 emulated devices = 16 per global batch.
-  config.augment.enabled = False
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+def _options(**overrides):
+  """ImagePipeline's plain arguments: 2 images per device x 8 emulated devices = 16 per global batch."""
+  return {"image_size": SIZE, "global_batch": 16, "num_devices": 8, "augment": None, **overrides}
+
+
+class _Aug:
+  """Mutable augmentation ranges (pipeline.augment reads them as attributes, like pipeline.Augment)."""
+
+  def __init__(self, **changes):
+    self.__dict__.update(dataclasses.asdict(pipeline.Augment()), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +49,13 @@ def dataset(tmp_path_factory):
   return train, test, files, test_files
 
 
-def _pipeline(dataset, config, val_count=21):
+def _pipeline(dataset, options, val_count=21):
   train, _, files, test_files = dataset
   targets = dict(zip(train["image_name"], train["target"]))
   names = list(train["image_name"])
   val = names[:4] + names[-(val_count - 4):]  # Both classes on each side.
   train_names = [n for n in names if n not in set(val)]
-  return pipeline.ImagePipeline(files, test_files, targets, train_names, val, config)
+  return pipeline.ImagePipeline(files, test_files, targets, train_names, val, **options)
 
 
 def test_scaling_matches_inception_range():
@@ -61,7 +63,7 @@ def test_scaling_matches_inception_range():
 
 
 def test_padded_evaluation_sees_every_example_once(dataset):
-  pipe = _pipeline(dataset, _config())
+  pipe = _pipeline(dataset, _options())
   assert pipe.global_batch == 16
   names, masks, xs = [], [], []
   for batch, batch_names in pipe.device_batches(pipe.val_dataset(), pipe.train_files):
@@ -80,7 +82,7 @@ def test_padded_evaluation_sees_every_example_once(dataset):
 
 def test_test_dataset_has_every_test_image(dataset):
   _, test, _, test_files = dataset
-  pipe = _pipeline(dataset, _config())
+  pipe = _pipeline(dataset, _options())
   names = [n for batch, batch_names in pipe.device_batches(pipe.test_dataset(len(test)), test_files)
            for n, m in zip(batch_names, batch["mask"].reshape(-1)) if m]
   assert names == list(test["image_name"])
@@ -91,8 +93,7 @@ def _epoch(pipe, epoch, seed=0):
 
 
 def test_training_stream_oversamples_and_replays_exactly(dataset):
-  config = _config(oversample_share=0.5)
-  config.augment.enabled = True
+  config = _options(oversample_share=0.5, augment=pipeline.Augment())
   pipe = _pipeline(dataset, config)
   first = _epoch(pipe, 0)
   assert len(first) == pipe.steps_per_epoch == 40 // 16
@@ -107,8 +108,7 @@ def test_training_stream_oversamples_and_replays_exactly(dataset):
 
 
 def test_augmentation_is_seeded_and_in_range():
-  config = _config()
-  aug = config.augment
+  aug = _Aug()
   image = tf().constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32))
   a = pipeline.augment(image, tf().constant([1, 2], tf().int64), aug).numpy()
   b = pipeline.augment(image, tf().constant([1, 2], tf().int64), aug).numpy()
@@ -119,8 +119,7 @@ def test_augmentation_is_seeded_and_in_range():
 
 
 def test_identity_affine_keeps_the_image():
-  config = _config()
-  aug = config.augment
+  aug = _Aug()
   aug.flip, aug.brightness, aug.contrast, aug.saturation = False, 0.0, 0.0, 0.0
   aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 0.0, 0.0, 0.0, 0.0
   image = tf().constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32))
@@ -134,8 +133,7 @@ def test_identity_affine_keeps_the_image():
 def test_compiled_warp_equals_tensorflows_projective_transform():
   """The XLA-compiled resampling against TF's own kernel (bilinear, reflect), far transforms included."""
   tf_ = tf()
-  config = _config()
-  aug = config.augment
+  aug = _Aug()
   aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 180.0, 30.0, 0.5, 0.5  # Much sampled off-image.
   image = tf_.constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE + 7, 3)).astype(np.float32))
   for k in range(6):
@@ -151,8 +149,7 @@ def test_compiled_warp_equals_tensorflows_projective_transform():
 
 
 def test_fused_colour_jitter_equals_the_operations_in_turn():
-  config = _config()
-  aug = config.augment
+  aug = _Aug()
   aug.flip, aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = False, 0.0, 0.0, 0.0, 0.0
   aug.brightness, aug.contrast, aug.saturation = 0.1, 0.2, 0.3
   tf_ = tf()
@@ -170,8 +167,7 @@ def test_fused_colour_jitter_equals_the_operations_in_turn():
 
 
 def test_flips_folded_into_the_affine_are_exact_and_all_occur():
-  config = _config()
-  aug = config.augment
+  aug = _Aug()
   aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 0.0, 0.0, 0.0, 0.0
   aug.flip, aug.brightness, aug.contrast, aug.saturation = True, 0.0, 0.0, 0.0
   image = np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32)
@@ -193,11 +189,11 @@ def test_corrupt_jpeg_is_named(tmp_path, dataset):
   files = records.write_resized_records(rows, images, tmp_path, "train", 1, records.fit_codes(rows))
   targets = dict(zip(rows["image_name"], rows["target"]))
   names = list(rows["image_name"])
-  pipe = pipeline.ImagePipeline(files, [], targets, names[10:] + [names[0]], names[1:10], _config())
+  pipe = pipeline.ImagePipeline(files, [], targets, names[10:] + [names[0]], names[1:10], **_options())
   with pytest.raises(InputError, match=f"train00-20.tfrec: image {names[5]} is not a decodable JPEG"):
     list(pipe.device_batches(pipe.val_dataset(), files))
   skipping = pipeline.ImagePipeline(files, [], targets, names[10:] + [names[0]], names[1:10],
-                                    _config(skip_corrupt=True))
+                                    **_options(skip_corrupt=True))
   seen = sum(int(b["mask"].sum()) for b, _ in skipping.device_batches(skipping.val_dataset(), files))
   assert seen == 8
 
@@ -206,4 +202,4 @@ def test_empty_split_is_refused(dataset):
   train, _, files, _ = dataset
   targets = dict(zip(train["image_name"], train["target"]))
   with pytest.raises(InputError, match="empty split"):
-    pipeline.ImagePipeline(files, [], targets, list(train["image_name"]), [], _config())
+    pipeline.ImagePipeline(files, [], targets, list(train["image_name"]), [], **_options())

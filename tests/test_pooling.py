@@ -1,10 +1,11 @@
-"""max_pool equals nn.max_pool in value and gradient, ties included."""
+"""max_pool equals nn.max_pool in value and gradient, ties included, with the one-pass gradient or not."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from melanoma_jax.models.kernels import CPU, XLA
 from melanoma_jax.models.pooling import max_pool
 
 
@@ -19,13 +20,14 @@ def _value_and_grad(pool, x, weights):
 ])
 @pytest.mark.parametrize("inputs", ["distinct", "ties"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_max_pool_matches_nn_max_pool(shape, window, strides, inputs, dtype):
+@pytest.mark.parametrize("kernels", [CPU, XLA], ids=["cpu", "xla"])
+def test_max_pool_matches_nn_max_pool(shape, window, strides, inputs, dtype, kernels):
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   if inputs == "ties":  # ReLU zeros and repeated values, as after conv_2b: the first maximum wins.
     x = jnp.maximum(jnp.round(x * 2), 0)
   x = x.astype(dtype)
   reference = lambda x_: nn.max_pool(x_, window, strides=strides, padding="VALID")
-  ours = lambda x_: max_pool(x_, window, strides)
+  ours = lambda x_: max_pool(x_, window, strides, kernels)
   weights = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
   y_ref, dx_ref = _value_and_grad(reference, x, weights)
   y, dx = jax.jit(lambda x_: _value_and_grad(ours, x_, weights))(x)

@@ -5,6 +5,8 @@ targets (oof AUC >= 0.79 with patient context) are asserted by benchmarks/tabula
 """
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,11 +17,12 @@ from sklearn import metrics as sk_metrics
 from configs import tabular as tabular_config
 from melanoma_jax.data import metadata
 from melanoma_jax.tabular import features
-from melanoma_jax.tabular import train
-from melanoma_jax.tabular.model import MLP
+from melanoma_jax.models.mlp import MLP
+from melanoma_jax.tabular import balance, task
 from melanoma_jax.utils.errors import InputError
 
 UNKNOWN_SITE = "scalp"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _subset(df, patients):
@@ -68,7 +71,7 @@ def _small_config(data_dir, **overrides):
 def cv_run(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tabular_run")
   config = _small_config(data_dir)
-  results = train.run(config, str(workdir))
+  results = task.train(config, str(workdir))
   return {"config": config, "workdir": workdir, "results": results,
           "oof": pd.read_csv(workdir / "oof.csv"),
           "submission": pd.read_csv(workdir / "submission.csv"),
@@ -141,7 +144,7 @@ def test_missing_feature_column_is_an_input_error(tables, tmp_path):
   train_df.iloc[:200].to_csv(tmp_path / "train.csv", index=False)
   train_df.iloc[200:300].drop(columns=["target", "sex"]).to_csv(tmp_path / "test.csv", index=False)
   with pytest.raises(InputError, match=r"test\.csv.*sex"):
-    train.run(_small_config(tmp_path), str(tmp_path / "run"))
+    task.train(_small_config(tmp_path), str(tmp_path / "run"))
 
 
 def test_patient_context_uses_only_the_rows_it_is_given(tables):
@@ -174,13 +177,13 @@ def test_smote_keeps_the_originals_and_balances():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(300, 5)).astype(np.float32)
   y = (np.arange(300) < 20).astype(np.float32)
-  x_s, y_s = train.smote_resample(x, y, seed=0)
+  x_s, y_s = balance.smote_resample(x, y, seed=0)
   assert len(x_s) == 2 * 280 and y_s.sum() == 280
   np.testing.assert_array_equal(x_s[:300], x)
   np.testing.assert_array_equal(x_s[:300][y == 1], x[y == 1])
-  np.testing.assert_array_equal(train.smote_resample(x, y, seed=0)[0], x_s)  # Seeded.
+  np.testing.assert_array_equal(balance.smote_resample(x, y, seed=0)[0], x_s)  # Seeded.
   with pytest.raises(InputError, match="k_neighbors"):
-    train.smote_resample(x[:30], y[:30] * (np.arange(30) < 3), seed=0)
+    balance.smote_resample(x[:30], y[:30] * (np.arange(30) < 3), seed=0)
 
 
 # ---------------------------------------------------------------------------------------- the CV run
@@ -251,7 +254,7 @@ def test_platt_scaling_recovers_a_known_calibration():
   rng = np.random.default_rng(0)
   logits = rng.normal(0.0, 2.0, 20000)
   y = (rng.uniform(size=logits.size) < 1.0 / (1.0 + np.exp(-(0.5 * logits - 3.0)))).astype(int)
-  a, b = train.fit_platt(logits, y)
+  a, b = balance.fit_platt(logits, y)
   assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-3.0, abs=0.15)
 
 
@@ -265,13 +268,34 @@ def test_submission_has_one_probability_per_test_row(cv_run, data_dir):
 
 
 def test_rerun_reuses_finished_folds(cv_run):
-  results = train.run(cv_run["config"], str(cv_run["workdir"]))
+  results = task.train(cv_run["config"], str(cv_run["workdir"]))
   assert all(detail["resumed"] for detail in results["folds"])
   np.testing.assert_allclose(pd.read_csv(cv_run["workdir"] / "oof.csv")["prediction"],
                              cv_run["oof"]["prediction"], rtol=1e-6)
-  changed = _small_config(cv_run["config"].data_dir, dropout_rate=0.2)
-  with pytest.raises(InputError, match="another config"):
-    train.run(changed, str(cv_run["workdir"]))
+  for change in ({"dropout_rate": 0.2}, {"hidden_sizes": (64, 8)}):  # The second changes the tree.
+    with pytest.raises(InputError, match="another config"):
+      task.train(_small_config(cv_run["config"].data_dir, **change), str(cv_run["workdir"]))
+
+
+def _main(workdir, data_dir, *extra):
+  cmd = [sys.executable, "main.py", "--config=configs/tabular.py", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", "--config.num_folds=3", "--config.num_epochs=2",
+         "--config.early_stopping_start_epoch=1", "--config.global_batch_size=512", "--jax_cache_dir=", *extra]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tabular_run_through_main_logs_to_tensorboard_and_stops_on_a_non_finite_loss(data_dir, tmp_path):
+  proc = _main(tmp_path / "ok", data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for fold in range(3):
+    events = list((tmp_path / "ok" / "tensorboard" / f"fold_{fold}").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+  assert "ETA" in proc.stderr
+  proc = _main(tmp_path / "nan", data_dir, "--config.class_weights=(1e39, 1e39)")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: fold 0: epoch 1: loss became") and "Traceback" not in proc.stderr
 
 
 
@@ -279,7 +303,7 @@ def test_seed_features_without_smote_train_on_the_original_rows(data_dir, tmp_pa
   # Fixed class weights: one compiled step for both folds (data-derived ones differ per fold).
   config = _small_config(data_dir, patient_context=False, smote=False, num_folds=2, num_epochs=1,
                          class_weights=(0.5, 20.0))
-  results = train.run(config, str(tmp_path))
+  results = task.train(config, str(tmp_path))
   assert results["num_features"] == 12 and results["patient_context"] is False
   for detail in results["folds"]:
     assert detail["trained_rows"] == detail["rows_per_epoch"] == detail["train_rows"]
@@ -293,14 +317,14 @@ def test_a_validation_fold_without_both_classes_is_an_input_error(tables, tmp_pa
   _subset(train_df, chosen).to_csv(tmp_path / "train.csv", index=False)
   test_df.iloc[:50].to_csv(tmp_path / "test.csv", index=False)
   with pytest.raises(InputError, match="only one class"):
-    train.run(_small_config(tmp_path, num_folds=2), str(tmp_path / "run"))
+    task.train(_small_config(tmp_path, num_folds=2), str(tmp_path / "run"))
 
 # ------------------------------------------------------------------------------- the real numbers
 def test_real_five_fold_cv_with_patient_context(tmp_path, real_train_csv, real_test_csv):
   """The shipped config on the real 33,126 rows (about a minute): the issue's target, oof AUC >= 0.79."""
   config = tabular_config.get_config()
   config.global_batch_size = 2048  # A plain single-device run's batch, on the 8 emulated devices.
-  results = train.run(config, str(tmp_path))
+  results = task.train(config, str(tmp_path))
   oof = pd.read_csv(tmp_path / "oof.csv")
   submission = pd.read_csv(tmp_path / "submission.csv")
   assert results["oof_auc"] >= 0.79, results["fold_aucs"]

@@ -37,16 +37,17 @@ def assign_folds(df, num_folds=5, seed=0):
   return df["patient_id"].map(fold_of).to_numpy(dtype=np.int64)
 
 
-def split(df, num_folds, fold, seed=0):
-  """(train_df, val_df) for one fold; raises InputError if either side is empty."""
-  if not 0 <= fold < num_folds:
-    raise InputError(f"fold must be in [0, {num_folds}), got {fold}")
-  folds = assign_folds(df, num_folds, seed)
-  train_df, val_df = df[folds != fold], df[folds == fold]
-  for name, part in (("training", train_df), ("validation", val_df)):
-    if part.empty:
-      raise InputError(f"fold {fold} of {num_folds}: the {name} split is empty")
-  return train_df.reset_index(drop=True), val_df.reset_index(drop=True)
+def check_folds_have_both_classes(df, fold_ids, folds):
+  """Raises InputError unless each fold of `folds` and the rest of `df` hold both classes (AUC needs them)."""
+  targets = df["target"].to_numpy()
+  for fold in folds:
+    in_fold = fold_ids == fold
+    for name, part in (("validation", targets[in_fold]), ("training", targets[~in_fold])):
+      malignant = int(part.sum())
+      if malignant in (0, len(part)):
+        raise InputError(f"{df.attrs.get('path', 'train.csv')}: fold {fold} of {int(fold_ids.max()) + 1} leaves "
+                         f"the {name} split with only one class ({len(part)} images, {malignant} malignant); "
+                         "AUC needs both (use fewer folds or more data)")
 
 
 def fold_summary(df, folds):

@@ -5,15 +5,16 @@ records lack are joined from the table. Every random choice (order, oversampling
 stateless function of (seed, epoch, example position): an epoch's stream is the same however often it is
 rebuilt, which is what makes a killed run resume to the same result.
 """
+import dataclasses
 import functools
 import math
+from typing import Optional
 
 import jax
 import numpy as np
 from absl import logging
 
 from melanoma_jax.data import records
-from melanoma_jax.training.steps import global_batch_size
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
@@ -177,8 +178,8 @@ def augment(image, seed, aug):
   """One fused random affine with flips (reflect fill, bilinear), then one fused colour jitter; [0, 255].
 
   The random parameters are drawn with TF's stateless ops; the pixel work is one XLA-compiled program
-  (`projective_warp` + `_colour_map` + clip). The resampling alone took 1.6 ms per 512x512 image against
-  12 ms with TF's own kernel (10 against 41 at 1024), one core; benchmarks/input_pipeline.py has the rest.
+  (`projective_warp` + `_colour_map` + clip), because TF's own resampling kernel was the pipeline's
+  bottleneck on a CPU (benchmarks/input_pipeline.py measures it; docs/performance.md has the figures).
   """
   tf_ = tf()
   size = tf_.shape(image)[0]
@@ -197,19 +198,42 @@ def augment(image, seed, aug):
   return fused(image, transform, params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Ranges of the random training augmentation (0 or False turns a part off)."""
+  rotation_deg: float = 180.0
+  shear_deg: float = 10.0
+  zoom: float = 0.1
+  shift: float = 0.1
+  flip: bool = True
+  brightness: float = 0.1
+  contrast: float = 0.1
+  saturation: float = 0.1
+
+
 class ImagePipeline:
   """Builds the train / eval / predict datasets of one fold split.
 
   `train_names`, `val_names`: image names of the two sides of the split; `targets`: {image_name: 0/1}.
+  `global_batch` rows per step, split over `num_devices`; `oversample_share`: malignant share of the
+  training stream (0: the natural rate); `max_steps_per_epoch` > 0 caps an epoch; `skip_corrupt` drops
+  undecodable images instead of stopping; `augment` None: no training augmentation.
   """
 
-  def __init__(self, train_files, test_files, targets, train_names, val_names, config):
+  def __init__(self, train_files, test_files, targets, train_names, val_names, *, image_size: int,
+               global_batch: int, num_devices: int, oversample_share: float = 0.0,
+               max_steps_per_epoch: int = 0, skip_corrupt: bool = False, augment: Optional[Augment] = None):
     self.train_files = list(train_files)
     self.test_files = list(test_files)
-    self.config = config
-    self.image_size = int(config.image_size)
-    self.num_devices = jax.local_device_count()
-    self.global_batch = global_batch_size(config, self.num_devices)
+    self.image_size = int(image_size)
+    self.num_devices = int(num_devices)
+    self.global_batch = int(global_batch)
+    if self.global_batch % self.num_devices:
+      raise ValueError(f"global batch {global_batch} does not split over {num_devices} devices")
+    self.oversample_share = float(oversample_share or 0.0)
+    self.max_steps_per_epoch = int(max_steps_per_epoch or 0)
+    self.skip_corrupt = bool(skip_corrupt)
+    self.augment = augment
     self.train_names = list(train_names)
     self.val_names = list(val_names)
     self._targets = dict(targets)
@@ -228,13 +252,13 @@ class ImagePipeline:
   @property
   def steps_per_epoch(self):
     full = max(1, self.num_train // self.global_batch)
-    cap = int(self.config.get("max_steps_per_epoch", 0) or 0)
+    cap = self.max_steps_per_epoch
     return min(full, cap) if cap > 0 else full
 
   def positive_share(self):
     """Malignant share of the training stream: the configured oversampling share, or the natural one."""
     natural = self.train_positives / self.num_train
-    return max(natural, float(self.config.oversample_share or 0.0))
+    return max(natural, self.oversample_share)
 
   def _labelled(self, side):
     ds = _records(self.train_files)
@@ -254,7 +278,7 @@ class ImagePipeline:
         part = part.cache()
       streams.append(part.shuffle(min(count, 4096), seed=epoch_seed + label).repeat())
     total = self.steps_per_epoch * self.global_batch
-    skip = bool(self.config.get("skip_corrupt", False))
+    skip = self.skip_corrupt
     share = self.positive_share()
     # Twice the draws when corrupt examples may be skipped, so the epoch still fills up.
     choice = tf_.data.Dataset.range(total * (2 if skip else 1)).map(
@@ -266,8 +290,8 @@ class ImagePipeline:
 
   def _train_example(self, record, seed):
     image = decode_image(record["image"], self.image_size)
-    if self.config.augment.enabled:
-      image = augment(image, tf().cast(seed, tf().int64), self.config.augment)
+    if self.augment is not None:
+      image = augment(image, tf().cast(seed, tf().int64), self.augment)
     return {"x": scale_for_inception(image), "y": tf().cast(record["target"], tf().float32),
             "mask": tf().ones([], tf().float32)}
 
@@ -296,7 +320,7 @@ class ImagePipeline:
 
   def _skip_corrupt(self, ds):
     """With config.skip_corrupt, drops examples whose decoding failed (logged; counted by the caller)."""
-    return ds.ignore_errors(log_warning=True) if self.config.get("skip_corrupt", False) else ds
+    return ds.ignore_errors(log_warning=True) if self.skip_corrupt else ds
 
   def _finish(self, ds):
     return ds.batch(self.global_batch, drop_remainder=True).prefetch(_AUTOTUNE)

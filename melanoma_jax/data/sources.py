@@ -32,7 +32,7 @@ def _find_csv(data_dir, name):
   raise InputError(f"{os.path.join(data_dir, name)}: metadata file not found")
 
 
-def resolve(data_dir, need_test=True):
+def resolve(data_dir):
   """Validates the CSVs and finds the record files of `data_dir`; refuses leaking patients."""
   if not os.path.isdir(data_dir):
     raise InputError(f"{data_dir}: data directory not found")
@@ -40,6 +40,6 @@ def resolve(data_dir, need_test=True):
   test_df = metadata.load_metadata(_find_csv(data_dir, "test.csv"), "test")
   report = metadata.check_leakage(train_df, test_df)
   train_files = records.list_record_files(data_dir, "train")
-  test_files = records.list_record_files(data_dir, "test") if need_test else []
+  test_files = records.list_record_files(data_dir, "test")
   layout = records.detect_layout(train_files[0])
   return ImageData(data_dir, train_df, test_df, train_files, test_files, layout, report)

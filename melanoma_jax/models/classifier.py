@@ -4,7 +4,7 @@ Variables: params {'backbone': <InceptionResNetV2(num_classes=None) params>, 'he
 logit}}, batch_stats {'backbone': ...}; pretrained backbones go in with `with_pretrained_backbone`
 or, skipping the slow random init of the backbone, `init_with_pretrained_backbone`.
 """
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import flax.linen as nn
 import flax.traverse_util
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from melanoma_jax.models.inception_resnet_v2 import FEATURES
 from melanoma_jax.models.inception_resnet_v2 import InceptionResNetV2
 from melanoma_jax.models.inception_resnet_v2 import KERNEL_INIT
+from melanoma_jax.models.inception_resnet_v2 import MIN_IMAGE_SIZE
+from melanoma_jax.models.kernels import Kernels
 from melanoma_jax.utils.errors import InputError
 
 Variables = Dict[str, Any]
@@ -42,29 +44,30 @@ class MelanomaClassifier(nn.Module):
   Attributes:
     head_sizes: widths of the hidden Dense layers of the head.
     dropout_rate: dropout after each hidden Dense layer (rng collection 'dropout').
-    freeze_backbone: backbone BatchNorm in inference mode whatever `train` is, and no gradient
-      flows into the backbone (stop_gradient on its features).
     dtype: compute dtype; parameters stay float32 and logits are float32.
     remat: recompute the backbone's residual blocks in the backward pass (saves memory).
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics in training.
-    kernel_grad: the backbone's spatial-convolution kernel gradient ("auto", "im2col", "xla").
+    kernels: the backbone's XLA:CPU workarounds ("auto", "cpu", "xla" or a `Kernels`; models/kernels.py).
   """
   head_sizes: Sequence[int] = (512, 256, 64, 16)
   dropout_rate: float = 0.1
-  freeze_backbone: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
   bn_axis_name: Optional[str] = None
-  kernel_grad: str = "auto"
+  kernels: Union[str, Kernels] = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool):
-    """NHWC images in [-1, 1] -> logits [B]."""
+  def __call__(self, x, train: bool, train_backbone: bool = True):
+    """NHWC images in [-1, 1] -> logits [B].
+
+    `train_backbone=False` (a frozen backbone): the backbone's BatchNorm runs in inference mode whatever
+    `train` is, and no gradient flows into the backbone (stop_gradient on its features); the head still
+    trains (dropout included) with `train`.
+    """
     backbone = InceptionResNetV2(num_classes=None, dtype=self.dtype, remat=self.remat,
-                                 bn_axis_name=self.bn_axis_name, kernel_grad=self.kernel_grad,
-                                 name="backbone")
-    features = backbone(x, train=train and not self.freeze_backbone)
-    if self.freeze_backbone:
+                                 bn_axis_name=self.bn_axis_name, kernels=self.kernels, name="backbone")
+    features = backbone(x, train=train and train_backbone)
+    if not train_backbone:
       features = jax.lax.stop_gradient(features)
     return Head(tuple(self.head_sizes), self.dropout_rate, self.dtype, name="head")(features, train)
 
@@ -116,7 +119,8 @@ def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
   takes about a minute on a CPU.
   """
   abstract = jax.eval_shape(
-      lambda: model.init({"params": rng, "dropout": rng}, jnp.zeros((1, 75, 75, 3)), train=False))
+      lambda: model.init({"params": rng, "dropout": rng}, jnp.zeros((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3)),
+                         train=False))
   head = Head(tuple(model.head_sizes), model.dropout_rate, model.dtype).init(
       {"params": rng}, jnp.zeros((1, FEATURES), jnp.float32), train=False)
   params = dict(abstract["params"])

@@ -1,21 +1,22 @@
-"""Convolutions with the parameters of `nn.Conv` but computed the way XLA:CPU runs fastest.
+"""Convolutions with the parameters of `nn.Conv`, computed the way XLA:CPU runs fastest where `kernels` says.
 
 Both modules keep `nn.Conv`'s variables (`kernel` [kh, kw, in, out] in HWIO, optional `bias`), so a
 model built from them has the same variables tree as one built from `nn.Conv`, and the same values up to
-float rounding. What changes is the program XLA sees:
+float rounding. With every `Kernels` flag off they compute what `nn.Conv` does; each flag on changes the
+program XLA sees:
 
-* `PointwiseConv` (1x1, stride 1) is a matrix product over channels. XLA:CPU runs it about twice as
-  fast as the equivalent convolution, forward and backward: the convolution's kernel gradient goes
-  through a slow [C, H, W, N] transpose of the activations that the dot does not need. Its kernel
-  gradient is x^T dy (`pointwise`), which XLA:CPU runs faster than JAX's (dy^T x)^T.
-* `SpatialConv` is `lax.conv_general_dilated`; with `im2col_grad` (the CPU's choice) it has a custom
-  kernel gradient: im2col of the input (the kh*kw shifted views side by side on channels) contracted
-  with the output gradient in one matrix product, instead of XLA's "batch as features" convolution,
-  which ran at a third of the forward convolution's speed on the stem convolutions (e.g. 549 ms against
-  192 ms for conv_4a's kernel gradient at 299x299, batch 8, 2 cores). The input gradient is XLA's own.
-  Its stride-1 'VALID' forward runs as a bottom/right-padded convolution, cropped (`_fast_forward`).
+* `pointwise_dot`: `PointwiseConv` (1x1, stride 1) is a matrix product over channels. XLA:CPU runs it
+  about twice as fast as the equivalent convolution, forward and backward: the convolution's kernel
+  gradient goes through a slow [C, H, W, N] transpose of the activations that the dot does not need.
+  `pointwise_grad`: its kernel gradient is x^T dy (`pointwise`), which XLA:CPU runs faster than JAX's
+  (dy^T x)^T.
+* `SpatialConv` is `lax.conv_general_dilated`; `im2col_grad` gives it a custom kernel gradient: im2col
+  of the input (the kh*kw shifted views side by side on channels) contracted with the output gradient in
+  one matrix product, instead of XLA's "batch as features" convolution, which ran at a third of the
+  forward convolution's speed on the stem convolutions. The input gradient is XLA's own.
 
-Measured with jax.profiler on a full 299x299 batch-8 training step; see benchmarks/train_step.py.
+Found with jax.profiler traces of the 299x299 batch-8 training step; what each flag is worth to the whole
+step is measured by benchmarks/cpu_kernels.py (figures in docs/performance.md).
 """
 import functools
 from typing import Sequence, Tuple, Union
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
+
+from melanoma_jax.models.kernels import Kernels, resolve
 
 KERNEL_INIT = nn.initializers.glorot_uniform()  # Keras' default for Conv2D and Dense.
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -41,30 +44,19 @@ def _conv(x, kernel, strides, padding):
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSIONS)
 
 
-def _fast_forward(x, kernel, strides, padding):
-  """`_conv`, with a stride-1 'VALID' convolution computed as one padded at the bottom and right to the
-  input's size, then cropped: XLA:CPU runs that shape 2.5 to 5 times faster (conv_2a at 299x299, batch 8:
-  33 ms against 157; conv_4a: 67 against 163), for 3% more multiply-adds."""
-  kh, kw = kernel.shape[:2]
-  if padding != "VALID" or tuple(strides) != (1, 1) or (kh, kw) == (1, 1):
-    return _conv(x, kernel, strides, padding)
-  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  return _conv(x, kernel, strides, ((0, kh - 1), (0, kw - 1)))[:, :ho, :wo]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, kernel, strides: Tuple[int, int], padding: Padding):
   """NHWC x HWIO convolution (no dilation, one group); differentiable with an im2col kernel gradient."""
-  return _fast_forward(x, kernel, strides, padding)
+  return _conv(x, kernel, strides, padding)
 
 
 def _conv2d_fwd(x, kernel, strides, padding):
-  return _fast_forward(x, kernel, strides, padding), (x, kernel)
+  return _conv(x, kernel, strides, padding), (x, kernel)
 
 
 # Above this many bytes of im2col columns for the whole batch, the kernel gradient is accumulated one image
-# at a time, so the columns stay in cache: conv_2a's kernel gradient (199 MiB of columns at 299x299, batch
-# 8) took 68 ms instead of 174, mixed_5b's 5x5 14 instead of 46; under ~10 MiB it makes no difference.
+# at a time, so the columns stay in cache (the stem's and mixed_5b's kernel gradients ran 2.5 to 3 times
+# faster); below about 10 MiB it makes no difference.
 _PER_IMAGE_COLUMNS_BYTES = 16 * 2**20
 
 
@@ -94,7 +86,7 @@ def im2col_kernel_grad(x, dy, kernel_shape, strides, padding):
                                                  preferred_element_type=jnp.float32)
   if n > 1 and n * ho * wo * kh * kw * cin * x.dtype.itemsize >= _PER_IMAGE_COLUMNS_BYTES:
     # With more columns than output channels, [cout, columns] = dy^T @ columns: XLA then lays out
-    # the smaller dy for the product instead of the columns (mixed_6a's stride-2 3x3: 29 ms against 59).
+    # the smaller dy for the product instead of the columns (twice as fast for mixed_6a's stride-2 3x3).
     transposed = kh * kw * cin > cout
     def one_image(total, image_and_grad):
       image, d = image_and_grad
@@ -120,33 +112,36 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class SpatialConv(nn.Module):
-  """`nn.Conv(features, kernel_size, strides, padding, use_bias=False)`, optionally with an im2col kernel
-  gradient (`im2col_grad`: worth it where the output is large and the channels few, as in the stem)."""
+  """`nn.Conv(features, kernel_size, strides, padding, use_bias=False, kernel_init=kernel_init)`, with the
+  `im2col_grad` of `kernels` (a `Kernels` or one of KERNELS)."""
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
   padding: str = "SAME"
-  im2col_grad: bool = False
+  kernels: Union[str, Kernels] = "auto"
+  kernel_init: nn.initializers.Initializer = KERNEL_INIT
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", KERNEL_INIT, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+    kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    return spatial(x, kernel, self.strides, self.padding, self.im2col_grad)
+    return spatial(x, kernel, self.strides, self.padding, resolve(self.kernels))
 
 
-def spatial(x, kernel, strides, padding, im2col_grad: bool):
+def spatial(x, kernel, strides, padding, kernels: Kernels):
   """The convolution `SpatialConv` computes: `conv2d` with `im2col_grad`, else XLA's own gradient too."""
-  return (conv2d if im2col_grad else _conv)(x, kernel, tuple(strides), padding)
+  return (conv2d if kernels.im2col_grad else _conv)(x, kernel, tuple(strides), padding)
 
 
 class PointwiseConv(nn.Module):
-  """`nn.Conv(features, (1, 1))` as a matrix product over channels (optional bias)."""
+  """`nn.Conv(features, (1, 1))` (optional bias), with the `pointwise_dot` and `pointwise_grad` of `kernels`
+  (a `Kernels` or one of KERNELS)."""
   features: int
   use_bias: bool = False
+  kernels: Union[str, Kernels] = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -156,8 +151,16 @@ class PointwiseConv(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
             if self.use_bias else None)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = pointwise(x, kernel[0, 0])
+    y = conv1x1(x, kernel, resolve(self.kernels))
     return y + bias if bias is not None else y
+
+
+def conv1x1(x, kernel, kernels: Kernels):
+  """The convolution `PointwiseConv` computes (HWIO `kernel` [1, 1, cin, cout]): a matrix product with
+  `pointwise_dot` (its kernel gradient x^T dy with `pointwise_grad`), else XLA's convolution."""
+  if not kernels.pointwise_dot:
+    return _conv(x, kernel, (1, 1), "VALID")
+  return (pointwise if kernels.pointwise_grad else _pointwise)(x, kernel[0, 0])
 
 
 @jax.custom_vjp
@@ -165,8 +168,7 @@ def pointwise(x, kernel):
   """[..., cin] x [cin, cout] -> [..., cout], with the kernel gradient as x^T dy.
 
   JAX's own gradient computes (dy^T x)^T, for which XLA:CPU transposes dy first; x^T dy runs 1.2 to 2
-  times faster (block35's "up" at 299x299, batch 8, 2 cores: 5.7 ms against 11.3; block8's 4.7 against
-  7.6), whichever of x and dy has more channels.
+  times faster, whichever of x and dy has more channels.
   """
   return _pointwise(x, kernel)
 

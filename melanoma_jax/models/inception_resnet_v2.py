@@ -11,17 +11,18 @@ A conv + BatchNorm unit is `{'conv': {'kernel'}, 'bn': {'bias'}}` in params and 
 'var'}}` in batch_stats; a residual block's 1x1 "up" convolution is `up: {'kernel', 'bias'}`.
 """
 import dataclasses
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from melanoma_jax.models.conv import KERNEL_INIT, PointwiseConv, SpatialConv
+from melanoma_jax.models.kernels import Kernels, resolve
 from melanoma_jax.models.pooling import max_pool
 from melanoma_jax.utils.errors import InputError
 
-MIN_SIZE = 75
+MIN_IMAGE_SIZE = 75  # The smallest input whose feature maps stay non-empty through the stem and reductions.
 FEATURES = 1536
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
@@ -115,30 +116,15 @@ def residual_block_names() -> Tuple[str, ...]:
   return tuple(name for name, _, scale, _ in BODY if scale is not None)
 
 
-KERNEL_GRADS = ("auto", "im2col", "xla")
-
-
-def use_im2col_grad(kernel_grad: str) -> bool:
-  """Whether spatial convolutions take the im2col kernel gradient: 'auto' = on the CPU backend only."""
-  if kernel_grad not in KERNEL_GRADS:
-    raise InputError(f"kernel_grad={kernel_grad!r} must be one of {', '.join(KERNEL_GRADS)}")
-  if kernel_grad == "auto":
-    return jax.default_backend() == "cpu"
-  return kernel_grad == "im2col"
-
-
-def _conv(spec: Conv, dtype, kernel_grad: str, name: str) -> nn.Module:
-  """The convolution of a conv + BatchNorm unit (no bias) (models/conv.py).
-
-  1x1 stride 1: a dot. Others: a convolution, on the CPU with an im2col kernel gradient (a 299x299 batch-8
-  training step on 2 cores: 6.2 s against 6.6 s with XLA's own kernel gradient, same process, alternating);
-  on accelerators XLA's own (cuDNN's on a GPU), which needs no im2col buffer.
+def _conv(spec: Conv, dtype, kernels: Kernels, name: str) -> nn.Module:
+  """The convolution of a conv + BatchNorm unit (no bias) (models/conv.py): 1x1 stride 1 a
+  `PointwiseConv`, the others a `SpatialConv`; how each runs is up to `kernels` ("auto" turns them all off
+  on accelerators: XLA's own convolutions and gradients, cuDNN's on a GPU, which need no im2col buffer).
   """
   if spec.kernel == (1, 1) and spec.strides == 1:  # 'SAME' and 'VALID' agree for 1x1.
-    return PointwiseConv(spec.features, dtype=dtype, name=name)
+    return PointwiseConv(spec.features, kernels=kernels, dtype=dtype, name=name)
   return SpatialConv(spec.features, spec.kernel, strides=(spec.strides, spec.strides),
-                     padding=spec.padding, im2col_grad=use_im2col_grad(kernel_grad), dtype=dtype,
-                     name=name)
+                     padding=spec.padding, kernels=kernels, dtype=dtype, name=name)
 
 
 class ConvBN(nn.Module):
@@ -147,12 +133,12 @@ class ConvBN(nn.Module):
   relu: bool = True
   dtype: jnp.dtype = jnp.float32
   bn_axis_name: Optional[str] = None
-  kernel_grad: str = "auto"
+  kernels: Union[str, Kernels] = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     s = self.spec
-    x = _conv(s, self.dtype, self.kernel_grad, "conv")(x)
+    x = _conv(s, self.dtype, resolve(self.kernels), "conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      use_scale=False, use_bias=True, use_fast_variance=False,
                      axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=jnp.float32,
@@ -163,18 +149,20 @@ class ConvBN(nn.Module):
 class Block(nn.Module):
   """A Mixed block: concatenated branches, plus `x + scale * up(branches)` when residual."""
   spec: Mixed
-  scale: Optional[float] = None
-  relu: bool = True
+  scale: Optional[float] = None  # None: not residual.
   dtype: jnp.dtype = jnp.float32
   bn_axis_name: Optional[str] = None
-  kernel_grad: str = "auto"
+  kernels: Union[str, Kernels] = "auto"
+  relu: bool = True  # After the residual sum.
 
   @nn.compact
   def __call__(self, x, train: bool):
+    kernels = resolve(self.kernels)
+
     def chain(y, branch, convs):
       for j, conv in enumerate(convs):
-        y = ConvBN(conv, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                   kernel_grad=self.kernel_grad, name=_branch_name(branch, j))(y, train)
+        y = ConvBN(conv, dtype=self.dtype, bn_axis_name=self.bn_axis_name, kernels=kernels,
+                   name=_branch_name(branch, j))(y, train)
       return y
 
     outputs = [chain(x, b, convs) for b, convs in enumerate(self.spec.branches)]
@@ -182,14 +170,14 @@ class Block(nn.Module):
       y = nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
       outputs.append(chain(y, len(self.spec.branches), self.spec.pool_convs))
     elif self.spec.pool == "max":
-      outputs.append(max_pool(x, (3, 3), (2, 2)))
+      outputs.append(max_pool(x, (3, 3), (2, 2), kernels))
     mixed = jnp.concatenate(outputs, axis=-1)
     if self.scale is None:
       return mixed
-    up = PointwiseConv(x.shape[-1], use_bias=True, dtype=self.dtype, name="up")(mixed)
+    up = PointwiseConv(x.shape[-1], use_bias=True, kernels=kernels, dtype=self.dtype, name="up")(mixed)
     x = x + up * self.scale
     x = nn.relu(x) if self.relu else x
-    return materialise(x)
+    return materialise(x) if kernels.materialise else x
 
 
 @jax.custom_vjp
@@ -201,8 +189,7 @@ def materialise(x):
   69 fusions recomputed 642 blocks in a 299x299 training step. `lax.optimization_barrier` does not stop
   it, since XLA:CPU removes barriers before fusion. A division is an "expensive" op that XLA's fusion will
   not duplicate, and dividing by 1 + 0 * x is exact for every finite x (an infinite x becomes NaN).
-  5.18 s against 5.45 s per 299x299 batch-8 training step on 2 cores (same process, 12 alternations).
-  The gradient is the identity.
+  The gradient is the identity. The largest of the CPU workarounds: benchmarks/cpu_kernels.py measures it.
   """
   return _divided_by_one(x)
 
@@ -215,12 +202,12 @@ materialise.defvjp(lambda x: (_divided_by_one(x), None), lambda _, g: (g,))
 
 
 def check_input_shape(shape: Sequence[int]) -> None:
-  """Raises InputError unless `shape` is NHWC with 3 channels and H, W >= 75."""
+  """Raises InputError unless `shape` is NHWC with 3 channels and H, W >= MIN_IMAGE_SIZE."""
   shape = tuple(shape)
-  if len(shape) != 4 or shape[-1] != 3 or shape[1] < MIN_SIZE or shape[2] < MIN_SIZE:
+  if len(shape) != 4 or shape[-1] != 3 or shape[1] < MIN_IMAGE_SIZE or shape[2] < MIN_IMAGE_SIZE:
     raise InputError(
         f"InceptionResNetV2 expects images as [batch, height, width, 3] with height and width "
-        f">= {MIN_SIZE}; got an array of shape {shape}")
+        f">= {MIN_IMAGE_SIZE}; got an array of shape {shape}")
 
 
 class InceptionResNetV2(nn.Module):
@@ -232,25 +219,27 @@ class InceptionResNetV2(nn.Module):
     dtype: compute dtype; parameters and batch statistics stay float32.
     remat: recompute each residual block in the backward pass (nn.remat) to save memory.
     bn_axis_name: pmap axis name across which BatchNorm averages batch statistics in training.
-    kernel_grad: kernel gradient of the spatial convolutions: "im2col" (fastest on XLA:CPU), "xla"
-      (XLA's own: cuDNN on a GPU), "auto" (im2col on the CPU backend, else xla). Same values either way.
+    kernels: the XLA:CPU workarounds (models/kernels.py): "cpu" (all on), "xla" (all off: the plain ops,
+      cuDNN's on a GPU), "auto" ("cpu" on the CPU backend, else "xla"), or a `Kernels`. The same
+      variables and, up to float rounding, the same values either way.
   """
   num_classes: Optional[int] = 1000
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   bn_axis_name: Optional[str] = None
-  kernel_grad: str = "auto"
+  kernels: Union[str, Kernels] = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
     """Maps NHWC images scaled to [-1, 1] to logits [B, num_classes] or features [B, 1536]."""
     check_input_shape(x.shape)
     x = jnp.asarray(x, self.dtype)
-    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, kernel_grad=self.kernel_grad)
+    kernels = resolve(self.kernels)
+    common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, kernels=kernels)
     for name, conv in STEM:
       x = ConvBN(conv, name=name, **common)(x, train)
       if name in ("conv_2b", "conv_4a"):
-        x = max_pool(x, (3, 3), (2, 2))
+        x = max_pool(x, (3, 3), (2, 2), kernels)
     residual = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for name, spec, scale, relu in BODY:
       block = Block if scale is None else residual

@@ -1,9 +1,8 @@
-"""Max pooling with a gradient that XLA:CPU computes in one elementwise pass.
+"""Max pooling with, where `Kernels.pool_grad` says, a gradient that XLA:CPU computes in one elementwise pass.
 
 `nn.max_pool`'s gradient is XLA's select-and-scatter, which XLA:CPU expands into a variadic
-reduce-window that materialises four int32 index arrays of the input's size, plus iotas and a scatter:
-about 220 ms of the 299x299 batch-8 training step on 2 cores for InceptionResNetV2's four 3x3/2 pools
-(conv_2b's alone 66 ms + 14 ms). Here the gradient walks the window's offsets in order and routes each
+reduce-window that materialises four int32 index arrays of the input's size, plus iotas and a scatter,
+for each of InceptionResNetV2's four 3x3/2 pools. Here the gradient walks the window's offsets in order and routes each
 output gradient to the first input equal to the window's maximum (the element select-and-scatter picks),
 placed back with strided padding: a few elementwise ops that fuse into one loop.
 """
@@ -15,16 +14,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from melanoma_jax.models.conv import window_view
+from melanoma_jax.models.kernels import Kernels
+
+
+def max_pool(x, window: Tuple[int, int], strides: Tuple[int, int], kernels: Kernels):
+  """'VALID' max pooling of NHWC `x`: `nn.max_pool(x, window, strides, padding="VALID")`, with the one-pass
+  gradient if `kernels.pool_grad`."""
+  return (one_pass_max_pool if kernels.pool_grad else _pool)(x, tuple(window), tuple(strides))
 
 
 def _pool(x, window, strides):
-  init = jnp.array(-jnp.inf, x.dtype)
-  return lax.reduce_window(x, init, lax.max, (1,) + window + (1,), (1,) + strides + (1,), "VALID")
+  # A Python scalar -inf, as nn.max_pool passes: JAX then recognises the max monoid (reduce_window_max),
+  # which it can differentiate; with an array init it cannot.
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1,) + window + (1,), (1,) + strides + (1,), "VALID")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool(x, window: Tuple[int, int], strides: Tuple[int, int]):
-  """'VALID' max pooling of NHWC `x`: `nn.max_pool(x, window, strides, padding="VALID")`."""
+def one_pass_max_pool(x, window: Tuple[int, int], strides: Tuple[int, int]):
+  """`_pool` (`nn.max_pool`'s computation), with the one-pass gradient."""
   return _pool(x, window, strides)
 
 
@@ -53,4 +60,4 @@ def _max_pool_bwd(window, strides, residuals, dy):
   return (dx,)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+one_pass_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

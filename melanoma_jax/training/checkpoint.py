@@ -1,12 +1,17 @@
-"""orbax checkpoints: the latest few (for resuming) and the best (for prediction), each with JSON metadata.
+"""orbax checkpoints of a run: the latest few (for resuming) and the best (for prediction), in one manager.
 
-Layout: DIR/latest/<step>/{state,meta} and DIR/best/<step>/{state,meta}. Saves are synchronous and orbax
-finalises a step atomically, so a run killed at any moment resumes from the last complete checkpoint.
+Layout: DIR/<step>/{state,meta}. Every save records the monitored metric with the step, and orbax keeps
+the newest `max_to_keep` steps plus the one with the best metric (`AnyPreservationPolicy`). Because "best"
+is chosen from the saved steps' own metrics, the latest and the best can never disagree: a run killed at
+any moment holds only complete steps (orbax finalises a step atomically) and the best among them.
 """
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+_NO_METRIC = float("-inf")
 
 
 def abstract_of(state):
@@ -14,48 +19,56 @@ def abstract_of(state):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+def _rank(metrics, monitor):
+  # The highest metric wins; among equal metrics the earliest step, so a tie never replaces the best.
+  return (metrics.get(monitor, _NO_METRIC), -metrics.get("step", 0))
+
+
 class Checkpointer:
-  """Keeps `max_to_keep` latest checkpoints and the single best one."""
+  """Keeps `max_to_keep` latest checkpoints and the one with the highest `monitor` metric."""
 
-  def __init__(self, directory, max_to_keep=3):
+  def __init__(self, directory, monitor="val_auc", max_to_keep=3):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
-    self._latest = ocp.CheckpointManager(os.path.join(self.directory, "latest"), options=options)
-    best_options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                                enable_async_checkpointing=False)
-    self._best = ocp.CheckpointManager(os.path.join(self.directory, "best"), options=best_options)
+    self.monitor = monitor
+    rank = lambda metrics: _rank(metrics, monitor)
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=max(1, int(max_to_keep))),
+        checkpoint_managers.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=rank, best_mode="max",
+                                           create=True, enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  @staticmethod
-  def _save_args(state, meta):
-    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  def save(self, step, state, meta, metric):
+    """Saves `state` (unreplicated arrays) and a JSON-able `meta` dict at `step`, ranked by `metric`."""
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)),
+                       metrics={self.monitor: float(metric), "step": int(step)}, force=True)
 
-  def save(self, step, state, meta, is_best=False):
-    """Saves `state` (unreplicated arrays) and a JSON-able `meta` dict at `step`."""
-    self._latest.save(step, args=self._save_args(state, meta), force=True)
-    if is_best:
-      self._best.save(step, args=self._save_args(state, meta), force=True)
+  def latest_step(self):
+    return self._manager.latest_step()
 
-  @staticmethod
-  def _restore(manager, abstract_state):
-    step = manager.latest_step()
-    if step is None:
-      return None
-    restored = manager.restore(step, args=ocp.args.Composite(
+  def best_step(self):
+    return self._manager.best_step()
+
+  def read_meta(self, step):
+    """The JSON metadata saved with `step`, without reading the state."""
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step, abstract_state):
+    """(state, meta) saved at `step`, restored into the structure of `abstract_state`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_of(abstract_state)), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
   def restore_latest(self, abstract_state):
     """(state, meta) of the newest complete checkpoint, or None."""
-    return self._restore(self._latest, abstract_state)
+    step = self.latest_step()
+    return None if step is None else self.restore(step, abstract_state)
 
   def restore_best(self, abstract_state):
     """(state, meta) of the best checkpoint, or None."""
-    return self._restore(self._best, abstract_state)
-
-  def latest_step(self):
-    return self._latest.latest_step()
+    step = self.best_step()
+    return None if step is None else self.restore(step, abstract_state)
 
   def close(self):
-    self._latest.close()
-    self._best.close()
+    self._manager.close()

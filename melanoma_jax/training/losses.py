@@ -23,11 +23,3 @@ def weighted_bce_terms(logits, labels, weights, label_smoothing=0.0):
   example_weight = jnp.where(labels > 0.5, w_pos, w_neg)
   return example_weight * optax.sigmoid_binary_cross_entropy(logits, smoothed)
 
-
-def weighted_bce(logits, labels, weights, label_smoothing=0.0, mask=None):
-  """Mean over unmasked examples of the weighted BCE (Keras divides by the batch size, not the weights)."""
-  terms = weighted_bce_terms(logits, labels, weights, label_smoothing)
-  if mask is None:
-    return terms.mean()
-  mask = mask.astype(jnp.float32)
-  return (terms * mask).sum() / jnp.maximum(mask.sum(), 1.0)

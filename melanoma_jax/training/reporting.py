@@ -27,8 +27,7 @@ class Progress:
     """Call when training (re)starts after an evaluation: the pause is not counted."""
     self._last = time.time() if self._compiled else None
 
-  def step_done(self, step):
-    del step
+  def step_done(self):
     now = time.time()
     if self._compiled and self._last is not None:
       self.timed_steps += 1
@@ -44,15 +43,15 @@ class Progress:
   def images_per_sec(self):
     return self.steps_per_sec * self.images_per_step
 
-  def line(self, epoch, num_epochs, step, loss):
+  def line(self, epoch, num_epochs, step, loss, label=""):
     rate = self.steps_per_sec
     eta = (self.total_steps - step) / rate if rate == rate and rate > 0 else float("nan")
     eta_text = format_seconds(eta) if eta == eta else "?"
-    return (f"epoch {epoch + 1}/{num_epochs} step {step}/{self.total_steps} loss {loss:.4f} "
-            f"{rate:.2f} steps/s {self.images_per_sec:.1f} images/s ETA {eta_text}")
+    return (f"{label + ' ' if label else ''}epoch {epoch + 1}/{num_epochs} step {step}/{self.total_steps} "
+            f"loss {loss:.4f} {rate:.2f} steps/s {self.images_per_sec:.1f} images/s ETA {eta_text}")
 
-  def report(self, *args):
-    logging.info(self.line(*args))
+  def report(self, *args, **kwargs):
+    logging.info(self.line(*args, **kwargs))
 
 
 class Summaries:

@@ -1,4 +1,4 @@
-"""Pure train/eval steps, data-parallel with jax.pmap over a named axis.
+"""Pure train/predict steps, data-parallel with jax.pmap over a named axis.
 
 The train state stays unreplicated (`in_axes=None`, `out_axes=None`): every device computes the gradient of
 its shard, the gradients are summed across devices (`lax.psum`) and every device applies the same update.
@@ -15,98 +15,110 @@ from jax import lax
 
 from melanoma_jax.training import losses
 from melanoma_jax.training.state import model_variables
+from melanoma_jax.utils.errors import InputError
 
 AXIS = "batch"
 
 
-def global_batch_size(config, num_devices=None):
-  """config.global_batch_size if set (it must divide over the devices), else per-device size x devices."""
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  num_devices = num_devices or jax.local_device_count()
-  requested = int(config.get("global_batch_size", 0) or 0)
+def global_batch_size(requested, per_device, num_devices):
+  """`requested` if set (it must divide over the devices), else `per_device` x `num_devices`."""
+  requested, per_device = int(requested or 0), int(per_device)
+  if requested < 0:
+    raise InputError(f"config.global_batch_size={requested} must be >= 0 (0: per_device_batch_size x devices)")
+  if per_device < 1:
+    raise InputError(f"config.per_device_batch_size={per_device} must be >= 1")
   if requested:
     if requested % num_devices:
       raise InputError(f"config.global_batch_size={requested} is not divisible by the {num_devices} "
                        "local devices")
     return requested
-  return int(config.per_device_batch_size) * num_devices
+  return per_device * num_devices
 
 
-def make_train_step(model, class_weights, label_smoothing=0.0, axis_name=AXIS, frozen=()):
+def make_train_step(model, class_weights, label_smoothing=0.0, frozen_backbone=False):
   """train_step(state, batch) -> (state, metrics); batch = {'x', 'y', 'mask'}, one device's shard.
 
-  `frozen`: top-level parameter collections (e.g. ('backbone',)) kept exactly as they are, whatever the
-  optimizer (weight decay included) would do to them.
+  `frozen_backbone`: the model runs with `train_backbone=False` (backbone BatchNorm in inference mode) and
+  the 'backbone' parameters are constants of the step: no gradient, so no backward pass through the
+  backbone, and kept exactly as they are whatever the optimizer (weight decay included) would do.
   """
   weights = tuple(float(w) for w in class_weights)
+  frozen = ("backbone",) if frozen_backbone else ()
+  call_args = {"train_backbone": False} if frozen_backbone else {}
 
   def train_step(state, batch):
     rng, dropout_rng = jax.random.split(state.rng)
     # Different dropout masks on each device, from the one key every device holds.
-    dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(axis_name))
+    dropout_rng = jax.random.fold_in(dropout_rng, lax.axis_index(AXIS))
     mask = batch["mask"].astype(jnp.float32)
-    global_count = lax.psum(mask.sum(), axis_name)
+    global_count = lax.psum(mask.sum(), AXIS)
     has_stats = bool(state.batch_stats)
-
     frozen_params = {k: v for k, v in state.params.items() if k in frozen}
 
     def loss_fn(trainable):
-      # Frozen collections enter as constants: no gradient (and no backward pass) is computed for them.
-      params = {**trainable, **frozen_params}
-      variables = dict(model_variables(state), params=params)
+      variables = dict(model_variables(state), params={**trainable, **frozen_params})
       out = model.apply(variables, batch["x"], train=True, rngs={"dropout": dropout_rng},
-                        mutable=["batch_stats"] if has_stats else False)
+                        mutable=["batch_stats"] if has_stats else False, **call_args)
       logits, updates = out if has_stats else (out, {})
       terms = losses.weighted_bce_terms(logits, batch["y"], weights, label_smoothing)
       return (terms * mask).sum() / jnp.maximum(global_count, 1.0), updates
 
     trainable = {k: v for k, v in state.params.items() if k not in frozen}
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    grads = lax.psum(grads, axis_name)
+    grads = lax.psum(grads, AXIS)
     grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen_params)}
-    loss = lax.psum(loss, axis_name)
     new_state = state.apply_gradients(grads=grads, rng=rng)
     if frozen:
-      new_state = new_state.replace(params={k: (state.params[k] if k in frozen else v)
-                                            for k, v in new_state.params.items()})
+      new_state = new_state.replace(params={**new_state.params, **frozen_params})
     if has_stats:
       # Models with a BatchNorm axis name already share statistics; the mean keeps any other model exact too.
-      new_state = new_state.replace(batch_stats=lax.pmean(updates["batch_stats"], axis_name))
-    metrics = {"loss": loss, "count": global_count,
-               "grad_norm": jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads))).real}
-    return new_state, metrics
+      new_state = new_state.replace(batch_stats=lax.pmean(updates["batch_stats"], AXIS))
+    return new_state, {"loss": lax.psum(loss, AXIS), "count": global_count}
 
   return train_step
 
 
-def make_eval_step(model, axis_name=AXIS):
-  """eval_step(state, batch) -> logits of the device's shard (float32), inference mode."""
-  del axis_name  # Evaluation needs no communication; kept for a symmetric signature.
+def make_predict_step(model, tta=False, logits=False):
+  """predict_step(state, batch) -> float32 [per_device] of one device's shard, inference mode.
 
-  def eval_step(state, batch):
-    return model.apply(model_variables(state), batch["x"], train=False).astype(jnp.float32)
+  Probabilities (the mean over the image and its two flips when `tta`), or raw logits (`logits`, no TTA).
+  """
+  if logits and tta:
+    raise ValueError("logits are not averaged over TTA views")
 
-  return eval_step
+  def predict_step(state, batch):
+    x = batch["x"]
+    variables = model_variables(state)
+    if logits:
+      return model.apply(variables, x, train=False).astype(jnp.float32)
+    views = [x, x[:, :, ::-1], x[:, ::-1]] if tta else [x]
+    probs = [jax.nn.sigmoid(model.apply(variables, v, train=False).astype(jnp.float32)) for v in views]
+    return sum(probs) / len(probs)
+
+  return predict_step
 
 
-def p_train(train_step, axis_name=AXIS, donate=True):
+def p_train(train_step, donate=True):
   """pmaps a train step: state unreplicated in and out, batch split over local devices."""
-  return jax.pmap(train_step, axis_name=axis_name, in_axes=(None, 0), out_axes=(None, None),
+  return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
                   donate_argnums=(0,) if donate else ())
 
 
-def p_eval(eval_step, axis_name=AXIS):
-  return jax.pmap(eval_step, axis_name=axis_name, in_axes=(None, 0), out_axes=0)
+def p_predict(predict_step):
+  return jax.pmap(predict_step, axis_name=AXIS, in_axes=(None, 0), out_axes=0)
 
 
-def replicate(state, axis_name=AXIS):
+def _local_mesh():
+  return jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+
+
+def replicate(state):
   """Places a state on every local device as the pmapped step returns it (replicated on its mesh).
 
   A state from init or a checkpoint lives on one device; feeding it as is would compile the step once for
   that placement and again for the replicated state the step returns.
   """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis_name,))
-  return jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
+  return jax.device_put(state, jax.NamedSharding(_local_mesh(), jax.P()))
 
 
 def shard_batch(batch, num_devices=None):
@@ -135,24 +147,12 @@ def pad_batch(batch, global_batch):
   return padded
 
 
-def predict(p_eval_step, state, x, global_batch):
-  """Logits for every row of `x` exactly once: the last partial batch is padded, padding dropped after."""
-  outputs = []
-  for start in range(0, len(x), global_batch):
-    chunk = x[start:start + global_batch]
-    batch = shard_batch(pad_batch({"x": chunk}, global_batch))
-    outputs.append(np.asarray(p_eval_step(state, batch)).reshape(-1)[:len(chunk)])
-  return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
-
-
-
-def prefetch_to_device(items, size=2, axis_name=AXIS):
+def prefetch_to_device(items, size=2):
   """Yields (batch on the devices, extra) from (sharded numpy batch, extra) items, `size` ahead.
 
   The host copies the next batches while the devices run the current step.
   """
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis_name,))
-  sharding = jax.NamedSharding(mesh, jax.P(axis_name))
+  sharding = jax.NamedSharding(_local_mesh(), jax.P(AXIS))
   queue = collections.deque()
   items = iter(items)
 

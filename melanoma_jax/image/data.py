@@ -1,0 +1,58 @@
+"""The image task's data: its data source, the patient-grouped fold split and the fold's tf.data pipeline."""
+import dataclasses
+import os
+
+import pandas as pd
+from absl import logging
+
+from melanoma_jax.data import folds as folds_lib
+from melanoma_jax.data import pipeline as pipeline_lib
+from melanoma_jax.data import sources
+
+
+def resolve_data(run, workdir):
+  """The run's ImageData: `run.data_dir`, or (when it is "") a synthetic set generated into WORKDIR/data."""
+  data_dir = run.data_dir
+  if not data_dir:
+    from melanoma_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    data_dir = os.path.join(workdir, "data")
+    summary = synthetic.generate_dataset(data_dir, **run.synthetic_kwargs)
+    logging.info("synthetic data in %s: %s", data_dir,
+                 {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+  data = sources.resolve(data_dir)
+  logging.info("%s", data.leakage_report)
+  logging.info("records: %d train and %d test file(s), %s layout", len(data.train_files),
+               len(data.test_files), data.layout)
+  return data
+
+
+@dataclasses.dataclass
+class Split:
+  train_df: pd.DataFrame
+  val_df: pd.DataFrame
+
+
+def make_split(run, data):
+  """The training and validation rows of fold `run.fold`; both sides must hold both classes."""
+  fold_ids = folds_lib.assign_folds(data.train_df, run.num_folds, run.seed)
+  folds_lib.check_folds_have_both_classes(data.train_df, fold_ids, [run.fold])
+  train_df = data.train_df[fold_ids != run.fold].reset_index(drop=True)
+  val_df = data.train_df[fold_ids == run.fold].reset_index(drop=True)
+  logging.info("fold %d/%d: %d training images (%d malignant), %d validation images (%d malignant) of "
+               "disjoint patients", run.fold, run.num_folds, len(train_df), train_df["target"].sum(),
+               len(val_df), val_df["target"].sum())
+  return Split(train_df, val_df)
+
+
+def make_pipeline(run, data, split):
+  targets = dict(zip(data.train_df["image_name"], data.train_df["target"].astype(int)))
+  return pipeline_lib.ImagePipeline(data.train_files, data.test_files, targets, split.train_df["image_name"],
+                                    split.val_df["image_name"], **run.pipeline_kwargs)
+
+
+def stream_class_weights(run, pipeline):
+  """`run.class_weights`, or N / (2 N_c) of the training stream after oversampling."""
+  if run.class_weights:
+    return run.class_weights
+  share = pipeline.positive_share()
+  return 1.0 / (2.0 * (1.0 - share)), 1.0 / (2.0 * share)

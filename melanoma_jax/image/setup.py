@@ -1,0 +1,128 @@
+"""The config boundary of the image task: a config checked and resolved once into plain values.
+
+Everything below this module (data pipeline, model factory, fit loop) takes these values as arguments,
+never the config, as the Flax ImageNet example's `create_split` takes its batch size and image size.
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from melanoma_jax import models
+from melanoma_jax.data import pipeline as pipeline_lib
+from melanoma_jax.training import steps
+from melanoma_jax.utils.errors import InputError
+
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRun:
+  """What one image run is, in plain values."""
+  data_dir: str  # "" = the synthetic set, generated into WORKDIR/data.
+  image_size: int
+  num_devices: int
+  global_batch: int
+  num_epochs: int
+  freeze_backbone_epochs: int
+  num_folds: int
+  fold: int
+  seed: int
+  log_every_steps: int
+  checkpoints_to_keep: int
+  tta: bool
+  label_smoothing: float
+  class_weights: Optional[tuple]  # None: N / (2 N_c) of the oversampled training stream.
+  model_name: str
+  model_kwargs: dict  # models.build_model's keyword arguments.
+  pipeline_kwargs: dict  # ImagePipeline's keyword arguments (all but the files and names).
+  init_weights: str  # Keras weights file or converted directory for the backbone; "" = random init.
+  synthetic_kwargs: dict  # synthetic.generate_dataset's keyword arguments, when data_dir is "".
+
+  def build_model(self):
+    return models.build_model(self.model_name, bn_axis_name=steps.AXIS, **self.model_kwargs)
+
+
+def _check(condition, message):
+  if not condition:
+    raise InputError(message)
+
+
+def resolve(config, num_devices=None) -> ImageRun:
+  """Checks `config` and resolves it; refuses configs that cannot work, before any data is read."""
+  num_devices = num_devices or jax.local_device_count()
+  _check(int(config.image_size) >= models.MIN_IMAGE_SIZE,
+         f"config.image_size={config.image_size}: InceptionResNetV2 needs at least "
+         f"{models.MIN_IMAGE_SIZE}x{models.MIN_IMAGE_SIZE} pixels")
+  global_batch = steps.global_batch_size(config.global_batch_size, config.per_device_batch_size, num_devices)
+  _check(int(config.num_epochs) >= 1, f"config.num_epochs={config.num_epochs} must be >= 1")
+  _check(0 <= int(config.fold) < int(config.num_folds),
+         f"config.fold={config.fold} must be in [0, config.num_folds={config.num_folds})")
+  _check(config.model.dtype in models.DTYPES,
+         f"config.model.dtype={config.model.dtype!r} must be one of {', '.join(sorted(models.DTYPES))}")
+  _check(config.model.kernels in models.KERNELS,
+         f"config.model.kernels={config.model.kernels!r} must be one of {', '.join(models.KERNELS)}")
+  _check(0.0 <= float(config.oversample_share or 0.0) < 1.0,
+         f"config.oversample_share={config.oversample_share} must be in [0, 1)")
+  _check(config.optimizer.name in OPTIMIZERS,
+         f"config.optimizer.name={config.optimizer.name!r} must be one of {', '.join(OPTIMIZERS)}")
+  _check(config.class_weights is None or len(config.class_weights) == 2,
+         f"config.class_weights={config.class_weights} must be None or (w_benign, w_malignant)")
+  augment = None
+  if config.augment.enabled:
+    augment = pipeline_lib.Augment(**{k: v for k, v in config.augment.items() if k != "enabled"})
+  name = config.model.name
+  model_kwargs = {"dtype": config.model.dtype, "dropout_rate": float(config.model.dropout_rate),
+                  "kernels": config.model.kernels}
+  if name == "inception_resnet_v2":
+    model_kwargs.update(head_sizes=tuple(config.model.head_sizes), remat=bool(config.model.remat))
+  elif name != "tiny":
+    raise InputError(f"config.model.name={name!r} must be 'inception_resnet_v2' or 'tiny'")
+  return ImageRun(
+      data_dir=config.data_dir, image_size=int(config.image_size), num_devices=num_devices,
+      global_batch=global_batch, num_epochs=int(config.num_epochs),
+      freeze_backbone_epochs=int(config.freeze_backbone_epochs), num_folds=int(config.num_folds),
+      fold=int(config.fold), seed=int(config.seed), log_every_steps=int(config.log_every_steps),
+      checkpoints_to_keep=int(config.checkpoints_to_keep), tta=bool(config.tta),
+      label_smoothing=float(config.label_smoothing),
+      class_weights=None if config.class_weights is None else tuple(float(w) for w in config.class_weights),
+      model_name=name, model_kwargs=model_kwargs,
+      pipeline_kwargs={"image_size": int(config.image_size), "global_batch": global_batch,
+                       "num_devices": num_devices, "oversample_share": float(config.oversample_share or 0.0),
+                       "max_steps_per_epoch": int(config.max_steps_per_epoch),
+                       "skip_corrupt": bool(config.skip_corrupt), "augment": augment},
+      init_weights=config.model.init_weights, synthetic_kwargs=_synthetic_kwargs(config))
+
+
+def _synthetic_kwargs(config):
+  kwargs = {"image_size": int(config.synthetic.image_size or config.image_size),
+            "seed": int(config.synthetic.seed)}
+  if config.synthetic.num_patients:
+    kwargs["num_patients"] = int(config.synthetic.num_patients)
+  return kwargs
+
+
+def learning_rate_schedule(opt, steps_per_epoch):
+  """The seed's schedule: linear ramp over warmup_epochs, then exponential decay per epoch to lr_min."""
+  warmup = float(opt.warmup_epochs)
+
+  def schedule(step):
+    epoch = step / steps_per_epoch
+    ramp = opt.lr_start + (opt.lr_max - opt.lr_start) * epoch / max(warmup, 1e-9)
+    decayed = opt.lr_min + (opt.lr_max - opt.lr_min) * opt.decay ** jnp.floor(epoch - warmup)
+    return jnp.where(epoch < warmup, ramp, decayed)
+
+  return schedule
+
+
+def build_optimizer(opt, steps_per_epoch):
+  """(optax transformation, schedule) of the `config.optimizer` section."""
+  schedule = learning_rate_schedule(opt, steps_per_epoch)
+  if opt.name == "adamw":
+    core = optax.adamw(schedule, weight_decay=opt.weight_decay)
+  else:
+    core = optax.adam(schedule)
+  parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm else []
+  return optax.chain(*parts, core), schedule

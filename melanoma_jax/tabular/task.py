@@ -1,0 +1,257 @@
+"""Patient-grouped K-fold CV of the tabular MLP: features -> SMOTE -> the shared fit loop -> OOF + test.
+
+`train(config, workdir)` trains one model per fold (fit on the training folds only, early stopping on the
+validation fold's AUC) through `training.loop.fit`, so each fold resumes from its latest checkpoint in
+WORKDIR/checkpoints/fold_K (a finished fold is reused), logs TensorBoard scalars under
+WORKDIR/tensorboard/fold_K and stops with exit 3 on a non-finite loss. It writes:
+  oof.csv         image_name,patient_id,target,prediction,fold  (every train.csv row once, original rows)
+  submission.csv  image_name,target  (mean of the fold models' probabilities, every test.csv row)
+  results.json    oof_auc, fold_aucs, patient_context, wall_seconds, per-fold details, config, versions
+  roc.png         the out-of-fold ROC curve
+An empty `config.data_dir` means the real ISIC 2020 CSVs embedded in the package.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+import pandas as pd
+from absl import logging
+
+from melanoma_jax import models
+from melanoma_jax.data import folds as folds_lib
+from melanoma_jax.data import metadata
+from melanoma_jax.tabular import balance, features
+from melanoma_jax.training import checkpoint as checkpoint_lib
+from melanoma_jax.training import loop, losses, metrics, predict as predict_lib, reporting, steps
+from melanoma_jax.training import state as state_lib
+from melanoma_jax.utils import plots
+from melanoma_jax.utils.errors import InputError
+from melanoma_jax.utils.results import write_results
+
+# Config fields that change what a fold's checkpoint holds; a rerun with other values must not reuse it.
+_MODEL_FIELDS = ("seed", "num_folds", "num_epochs", "per_device_batch_size", "global_batch_size",
+                 "learning_rate", "dropout_rate", "hidden_sizes", "patient_context", "smote",
+                 "smote_k_neighbors", "early_stopping_patience", "early_stopping_start_epoch",
+                 "label_smoothing", "class_weights")  # calibrate: applied after, never saved.
+
+
+@dataclasses.dataclass(frozen=True)
+class TabularRun:
+  """What one tabular run is, in plain values."""
+  num_devices: int
+  global_batch: int
+  plan_epochs: int
+  patience: int
+  first_candidate_epoch: int
+  seed: int
+  num_folds: int
+
+
+def resolve(config, num_devices=None) -> TabularRun:
+  """Checks `config` and resolves it; refuses configs that cannot work, before any data is read."""
+  num_devices = num_devices or jax.local_device_count()
+  checks = (
+      (int(config.num_epochs) >= 1, f"config.num_epochs={config.num_epochs} must be >= 1"),
+      (int(config.early_stopping_patience) >= 1,
+       f"config.early_stopping_patience={config.early_stopping_patience} must be >= 1"),
+      (0.0 <= float(config.dropout_rate) < 1.0, f"config.dropout_rate={config.dropout_rate} must be in [0, 1)"),
+      (config.class_weights is None or len(config.class_weights) == 2,
+       f"config.class_weights={config.class_weights} must be None or (w_neg, w_pos)"))
+  for ok, message in checks:
+    if not ok:
+      raise InputError(message)
+  global_batch = steps.global_batch_size(config.global_batch_size, config.per_device_batch_size, num_devices)
+  return TabularRun(num_devices=num_devices, global_batch=global_batch, plan_epochs=int(config.num_epochs),
+                    patience=int(config.early_stopping_patience),
+                    first_candidate_epoch=min(int(config.early_stopping_start_epoch), int(config.num_epochs)),
+                    seed=int(config.seed), num_folds=int(config.num_folds))
+
+
+def load_tables(config):
+  """(train_df, test_df): config.data_dir/{train,test}.csv, or the embedded real CSVs if data_dir is ''."""
+  root = config.data_dir
+  train_path = os.path.join(root, "train.csv") if root else metadata.EMBEDDED_TRAIN_CSV
+  test_path = os.path.join(root, "test.csv") if root else metadata.EMBEDDED_TEST_CSV
+  return metadata.load_metadata(train_path, "train"), metadata.load_metadata(test_path, "test")
+
+
+def train_table(config, workdir):
+  """The training table of the run's data source (for `--mode=data`), leakage-checked against test.csv."""
+  del workdir  # The tabular task reads its tables where they are.
+  train_df, test_df = load_tables(config)
+  logging.info("%s", metadata.check_leakage(train_df, test_df))
+  return train_df
+
+
+def epoch_batches(x, y, global_batch, rng):
+  """(sharded batch, None) of every row once in a shuffled order; the last batch padded with mask 0."""
+  order = rng.permutation(len(x))
+  return predict_lib.array_batches(x[order], global_batch, y=y[order])
+
+
+def _fingerprint(config, train_df, num_devices):
+  """Hash of the model-defining config fields and the training table (names, features, targets)."""
+  fields = {k: config.get(k) for k in _MODEL_FIELDS}
+  fields["num_devices"] = num_devices
+  table = train_df[["image_name", "patient_id", "target"] + list(features.FEATURE_COLUMNS)]
+  digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode())
+  digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+  return digest.hexdigest()[:16]
+
+
+def _sigmoid(z):
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+class _Trainer:
+  """The model, optimizer and pmapped steps, built once and reused across folds."""
+
+  def __init__(self, config, run):
+    self.config, self.run = config, run
+    self.model = models.build_model("mlp", hidden_sizes=tuple(config.hidden_sizes),
+                                    dropout_rate=float(config.dropout_rate))
+    self.tx = optax.adam(float(config.learning_rate))
+    self.p_logits = steps.p_predict(steps.make_predict_step(self.model, logits=True))
+    self._init = jax.jit(lambda rng, x: self.model.init({"params": rng}, x, train=False))
+    self._p_train = {}  # class weights -> pmapped step (the weights are compiled in).
+
+  def p_train(self, class_weights):
+    key = tuple(round(float(w), 6) for w in class_weights)
+    if key not in self._p_train:
+      self._p_train[key] = steps.p_train(steps.make_train_step(
+          self.model, key, label_smoothing=float(self.config.label_smoothing)))
+    return self._p_train[key]
+
+  def init_state(self, fold, num_features):
+    """The fold's initial state (seeded by config.seed and the fold); compiled once per feature count."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.run.seed), fold)
+    init_rng, state_rng = jax.random.split(rng)
+    sample_x = np.zeros((1, num_features), np.float32)
+    return state_lib.create_train_state(self.model, self.tx, state_rng, sample_x,
+                                        variables=self._init(init_rng, sample_x))
+
+  def logits(self, state, x, what):
+    """Logits (float64) for every row of x."""
+    return predict_lib.run(self.p_logits, state, predict_lib.array_batches(x, self.run.global_batch),
+                           what)["outputs"]
+
+  def plan(self, fold, rows):
+    return loop.Plan(num_epochs=self.run.plan_epochs, steps_per_epoch=-(-rows // self.run.global_batch),
+                     global_batch=self.run.global_batch, monitor="val_auc", patience=self.run.patience,
+                     first_candidate_epoch=self.run.first_candidate_epoch, label=f"fold {fold}")
+
+
+def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
+  """Trains (or resumes, or reuses) one fold; returns (validation probs, test probs, details)."""
+  config, run = trainer.config, trainer.run
+  preprocessor = features.fit(train_df, bool(config.patient_context))
+  x, y = preprocessor.transform(train_df), train_df["target"].to_numpy(np.float32)
+  x_val, y_val = preprocessor.transform(val_df), val_df["target"].to_numpy(np.float32)
+  initial = trainer.init_state(fold, len(preprocessor.columns))
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints", f"fold_{fold}"),
+                                             monitor="val_auc", max_to_keep=1)
+  summaries = reporting.Summaries(os.path.join(workdir, "tensorboard", f"fold_{fold}"))
+  try:
+    latest = checkpointer.latest_step()
+    saved = checkpointer.read_meta(latest) if latest is not None else None
+    if saved is not None and saved.get("fingerprint") != fingerprint:
+      raise InputError(f"{checkpointer.directory} holds a model from another config or data; "
+                       "use a new --workdir")
+    train_rows = len(x)
+    if config.smote:
+      x, y = balance.smote_resample(x, y, run.seed + fold, int(config.smote_k_neighbors))
+    weights = (tuple(config.class_weights) if config.class_weights is not None else losses.class_weights(y))
+    plan = trainer.plan(fold, len(x))
+    resumed = saved is not None and loop.is_finished(saved, plan)
+    if not resumed:
+      logging.info("fold %d: %d training rows (%d malignant) -> %d trained on (SMOTE %s), "
+                   "%d validation rows, %d features", fold, train_rows, int(train_df["target"].sum()),
+                   len(x), "on" if config.smote else "off", len(x_val), len(preprocessor.columns))
+    fitted = loop.fit(
+        initial, plan, checkpointer, summaries, train_step=lambda epoch: trainer.p_train(weights),
+        batches=lambda epoch: epoch_batches(x, y, run.global_batch,
+                                            np.random.default_rng([run.seed, fold, epoch])),
+        evaluate=lambda state: {"val_auc": metrics.roc_auc(
+            y_val, trainer.logits(state, x_val, f"fold {fold} validation rows"))},
+        meta={"fingerprint": fingerprint, "preprocessor": preprocessor.to_dict()})
+    state, meta = checkpointer.restore_best(initial)
+  finally:
+    summaries.close()
+    checkpointer.close()
+  details = {"fold": fold, "best_epoch": meta["best_epoch"], "epochs_run": fitted.meta["epoch"],
+             "val_auc": meta["best"], "class_weights": [float(w) for w in weights],
+             "rows_per_epoch": fitted.meta["history"][0]["train_rows"], "train_rows": train_rows,
+             "trained_rows": len(x), "validation_rows": len(x_val), "fit_seconds": fitted.meta["train_seconds"],
+             "stopped_early": fitted.meta["stopped_early"], "resumed": resumed,
+             "preprocessor": preprocessor.to_dict()}
+  if len({h["train_rows"] for h in fitted.meta["history"]}) != 1:
+    raise RuntimeError(f"fold {fold}: rows per epoch changed between epochs")
+  val_logits = trainer.logits(state, x_val, f"fold {fold} validation rows")
+  test_logits = trainer.logits(state, preprocessor.transform(test_df), f"fold {fold} test rows")
+  if config.calibrate:
+    train_logits = trainer.logits(state, preprocessor.transform(train_df), f"fold {fold} training rows")
+    a, b = balance.fit_platt(train_logits, train_df["target"].to_numpy())
+    details["calibration"] = {"a": a, "b": b}
+    logging.info("fold %d: Platt scaling on its %d training rows: p = sigmoid(%.3f * logit %+.3f)", fold,
+                 len(train_df), a, b)
+    val_logits, test_logits = a * val_logits + b, a * test_logits + b
+  details["feature_columns"] = list(preprocessor.columns)
+  return _sigmoid(val_logits), _sigmoid(test_logits), details
+
+
+def train(config, workdir, start_time=None):
+  """Patient-grouped K-fold CV; writes oof.csv, submission.csv, results.json, roc.png; returns the metrics."""
+  start = start_time or time.time()
+  run = resolve(config)
+  os.makedirs(workdir, exist_ok=True)
+  train_df = train_table(config, workdir)
+  _, test_df = load_tables(config)
+  unknown = features.fit(train_df).unknown_categories(test_df)
+  fold_ids = folds_lib.assign_folds(train_df, run.num_folds, run.seed)
+  folds_lib.check_folds_have_both_classes(train_df, fold_ids, range(run.num_folds))
+  logging.info("patient-grouped folds:\n%s", folds_lib.fold_summary(train_df, fold_ids).to_string())
+  trainer = _Trainer(config, run)
+  fingerprint = _fingerprint(config, train_df, run.num_devices)
+  oof = np.full(len(train_df), np.nan)
+  test_preds, fold_details, fold_aucs = [], [], []
+  for fold in range(run.num_folds):
+    in_fold = fold_ids == fold
+    val_pred, test_pred, details = _run_fold(
+        trainer, fold, train_df[~in_fold].reset_index(drop=True),
+        train_df[in_fold].reset_index(drop=True), test_df, fingerprint, workdir)
+    oof[in_fold] = val_pred
+    test_preds.append(test_pred)
+    feature_columns = details.pop("feature_columns")
+    fold_aucs.append(metrics.roc_auc(train_df["target"].to_numpy()[in_fold], val_pred))
+    fold_details.append(details)
+    logging.info("fold %d: validation AUC %.4f (best epoch %d of %d run)", fold, fold_aucs[-1],
+                 details["best_epoch"], details["epochs_run"])
+  targets = train_df["target"].to_numpy()
+  oof_auc = metrics.roc_auc(targets, oof)
+  pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
+                "target": targets, "prediction": oof, "fold": fold_ids}).to_csv(
+                    os.path.join(workdir, "oof.csv"), index=False)
+  pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}).to_csv(
+      os.path.join(workdir, "submission.csv"), index=False)
+  context = "with" if config.patient_context else "without"
+  plots.save_roc(targets, oof, os.path.join(workdir, "roc.png"),
+                 f"Tabular MLP, out-of-fold ({context} patient context)")
+  results = {"task": "tabular", "oof_auc": oof_auc, "fold_aucs": fold_aucs,
+             "patient_context": bool(config.patient_context), "smote": bool(config.smote),
+             "num_features": len(feature_columns), "feature_columns": feature_columns, "folds": fold_details,
+             "train_rows": len(train_df), "test_rows": len(test_df), "unknown_test_categories": unknown,
+             "wall_seconds": time.time() - start}
+  write_results(workdir, results, config)
+  logging.info("out-of-fold AUC %.4f (folds %s), %.0f s, %s patient context", oof_auc,
+               " ".join(f"{a:.4f}" for a in fold_aucs), results["wall_seconds"], context)
+  return results
+
+
+def predict(config, workdir):
+  """The tabular task predicts as part of its CV run; a rerun reuses the finished fold models."""
+  return train(config, workdir)
