@@ -69,9 +69,10 @@ def run_data_steps(task, config, workdir):
   fold_ids = folds.assign_folds(train_df, int(config.num_folds), int(config.seed))
   summary = folds.fold_summary(train_df, fold_ids)
   logging.info("patient-grouped folds:\n%s", summary.to_string())
+  # data.json, not results.json: a data-only run must leave a trained run's results alone.
   write_results(workdir, {"mode": "data", "images": len(train_df), "malignant": int(train_df["target"].sum()),
                           "patients": int(train_df["patient_id"].nunique()),
-                          "folds": summary.reset_index().to_dict("records")}, config)
+                          "folds": summary.reset_index().to_dict("records")}, config, name="data.json")
 
 
 def main(argv):
@@ -81,20 +82,37 @@ def main(argv):
   config, workdir = FLAGS.config, FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   _quiet_libraries()
+  from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
-    _setup_jax(FLAGS.jax_cache_dir)
-    task = _task(config.task)
-    if FLAGS.mode == "data":
-      run_data_steps(task, config, workdir)
-    elif FLAGS.mode == "predict":
-      task.predict(config, workdir)
-    else:
-      task.train(config, workdir, start_time=start)
+    with workdir_lib.lock(workdir):
+      _setup_jax(FLAGS.jax_cache_dir)
+      task = _task(config.task)
+      if FLAGS.mode == "data":
+        run_data_steps(task, config, workdir)
+      elif FLAGS.mode == "predict":
+        task.predict(config, workdir)
+      else:
+        task.train(config, workdir, start_time=start)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
   print(f"done in {time.time() - start:.0f} s; outputs in {os.path.abspath(workdir)}")
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag or config override (e.g. an unknown field) as one error line."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks.
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    field = str(e.args[0] if e.args else e).strip("\"'")
+    named = [o for o in overrides if o.split(".")[-1] == field]
+    print(f"error: {named[0] if named else field}: no such config field", file=sys.stderr)
+  except (flags.Error, TypeError, ValueError) as e:
+    message = str(e).strip().splitlines()
+    print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+  sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -168,6 +168,8 @@ def test_missing_data_dir_is_named(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   image.train(_config(data_dir, num_epochs=1), workdir)
+  # Other class weights make it another run; forget the record to continue this one with them anyway.
+  os.remove(os.path.join(workdir, "run.json"))
   latest_dir = tmp_path / "nan" / "checkpoints"
   latest = sorted(int(p.name) for p in latest_dir.iterdir() if p.name.isdigit())
   with pytest.raises(NonFiniteLossError) as error:  # Weights overflow float32: an inf/NaN loss.
@@ -196,3 +198,59 @@ def test_inception_resnet_v2_trains_through_main(data_dir, tmp_path):
   assert results["steps"] == 2 and results["devices"] == 8 and results["global_batch"] == 8
   assert np.isfinite(results["val_auc"])
   assert len(pd.read_csv(workdir / "submission.csv")) == len(pd.read_csv(os.path.join(data_dir, "test.csv")))
+
+
+def test_data_mode_leaves_a_trained_runs_results_alone(uninterrupted, data_dir):
+  workdir, _ = uninterrupted
+  before = (workdir / "results.json").read_bytes()
+  proc = _main(workdir, data_dir, "--mode=data")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "results.json").read_bytes() == before
+  summary = json.loads((workdir / "data.json").read_text())
+  assert summary["mode"] == "data" and summary["images"] == len(pd.read_csv(os.path.join(data_dir, "train.csv")))
+
+
+def test_a_busy_workdir_is_refused_and_a_killed_holder_does_not_block(data_dir, tmp_path):
+  workdir = tmp_path / "busy"
+  hold = ("import sys, time\nfrom melanoma_jax.training import workdir\nwith workdir.lock(sys.argv[1]):\n"
+          "  print('held', flush=True)\n  time.sleep(600)\n")
+  holder = subprocess.Popen([sys.executable, "-c", hold, str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    proc = _main(workdir, data_dir, "--mode=data")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {workdir} is in use by process {holder.pid} on "), last
+    assert "Traceback" not in proc.stderr and not (workdir / "data.json").exists()
+  finally:
+    holder.kill()  # SIGKILL: the lock file stays behind, the lock itself goes with the process.
+    holder.wait()
+  proc = _main(workdir, data_dir, "--mode=data")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "data.json").exists()
+
+
+@pytest.mark.parametrize("extra, differ", [
+    (["--config.fold=1"], "fold 0 -> 1"),
+    (["--mode=predict", "--config.fold=2"], "fold 0 -> 2"),
+    (["--config.seed=3"], "seed 0 -> 3"),
+    (["--config.optimizer.lr_max=0.01"], "optimizer.lr_max 0.001 -> 0.01"),
+])
+def test_a_workdir_refuses_another_config(uninterrupted, data_dir, extra, differ):
+  workdir, _ = uninterrupted
+  outputs = lambda: {p.name: p.stat().st_mtime_ns for p in workdir.iterdir() if p.name != ".lock"}
+  before = outputs()
+  proc = _main(workdir, data_dir, *extra)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {workdir / 'run.json'}: this workdir holds a run of another config") and differ in last
+  assert "Traceback" not in proc.stderr and "resumed" not in proc.stderr
+  assert outputs() == before  # Nothing written.
+
+
+def test_more_epochs_extend_a_finished_run(data_dir, tmp_path):
+  workdir = str(tmp_path / "longer")
+  first = image.train(_config(data_dir, num_epochs=1), workdir)
+  longer = image.train(_config(data_dir, num_epochs=2, log_every_steps=5), workdir)  # Both may change.
+  assert longer["history"][:1] == first["history"] and longer["epochs"] == 2

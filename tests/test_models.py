@@ -171,7 +171,7 @@ def single_device_train(full_variables, train_images):
 @pytest.fixture(scope="module")
 def classifier_shapes():
   """jax.eval_shape of MelanomaClassifier variables (the same tree for any dtype and remat)."""
-  return abstract_variables(MelanomaClassifier())
+  return abstract_variables(build_model("inception_resnet_v2"))
 
 
 # ------------------------------------------------------------------------- architecture parity
@@ -285,7 +285,7 @@ def test_materialise_is_the_identity_in_value_and_gradient(dtype):
 # ----------------------------------------------------------------------------- input checking
 @pytest.mark.parametrize("remat", [False, True])
 def test_any_size_up_to_1024_and_remat_of_residual_blocks(remat, classifier_shapes):
-  model = MelanomaClassifier(remat=remat)
+  model = build_model("inception_resnet_v2", remat=remat)
   apply = lambda v, x: model.apply(v, x, train=False)
   x = jax.ShapeDtypeStruct((2, 1024, 1024, 3), jnp.float32)
   jaxpr, out = jax.make_jaxpr(apply, return_shape=True)(classifier_shapes, x)
@@ -392,7 +392,7 @@ def test_cache_cli_round_trip(files, notop_variables, big_tmp, capsys):
 
 # -------------------------------------------------------------------------------- classifier
 def test_classifier_tree_and_pretrained_backbone(notop_variables, classifier_shapes):
-  model = MelanomaClassifier()
+  model = build_model("inception_resnet_v2")
   abstract = classifier_shapes
   assert set(abstract["params"]) == {"backbone", "head"}
   assert jax.tree.structure(abstract["params"]["backbone"]) == jax.tree.structure(
@@ -442,7 +442,7 @@ def test_frozen_backbone_gets_no_gradient_and_keeps_its_stats(name, notop_variab
 
 
 def test_bfloat16_keeps_float32_params_and_close_outputs(notop_variables, notop_apply, images):
-  model = MelanomaClassifier(dtype=jnp.bfloat16)
+  model = build_model("inception_resnet_v2", dtype="bfloat16")
   abstract = abstract_variables(model)
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
   variables = init_with_pretrained_backbone(model, jax.random.PRNGKey(0), notop_variables)

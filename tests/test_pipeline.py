@@ -115,7 +115,12 @@ def test_augmentation_is_seeded_and_in_range():
   c = pipeline.augment(image, tf().constant([1, 3], tf().int64), aug).numpy()
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c) and a.shape == (SIZE, SIZE, 3)
-  assert a.min() >= 0.0 and a.max() <= 255.0
+  # Brightness shifts of up to +-255 push the unclipped result past [0, 255]; the output is clipped to it
+  # (saturated pixels, not a rescaled image).
+  shifted = [pipeline.augment(image, tf().constant([k, 2], tf().int64), _Aug(brightness=1.0)).numpy()
+             for k in range(8)]
+  assert all(out.min() >= 0.0 and out.max() <= 255.0 for out in shifted)
+  assert max(np.mean((out == 0.0) | (out == 255.0)) for out in shifted) > 0.1
 
 
 def test_identity_affine_keeps_the_image():
@@ -124,10 +129,17 @@ def test_identity_affine_keeps_the_image():
   aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 0.0, 0.0, 0.0, 0.0
   image = tf().constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32))
   np.testing.assert_allclose(pipeline.augment(image, tf().constant([0, 0], tf().int64), aug), image, atol=1e-3)
-  # A 90-degree rotation alone is an exact pixel permutation.
+  # A 90-degree rotation alone is an exact pixel permutation: output (x, y) samples input (y, S-1-x).
+  quarter_turn = tf().constant([0.0, 1.0, 0.0, -1.0, 0.0, SIZE - 1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(pipeline.projective_warp(image, quarter_turn).numpy(),
+                                np.rot90(image.numpy(), k=-1))
+  # Rotation alone (any drawn angle) gives a rigid map: an orthonormal linear part, no perspective.
   aug.rotation_deg = 90.0
   matrix = pipeline._affine_matrix(tf().constant([0, 0], tf().int64), float(SIZE), aug).numpy()
-  assert np.isfinite(matrix).all() and matrix.shape == (8,)
+  linear = matrix[[0, 1, 3, 4]].reshape(2, 2)
+  np.testing.assert_allclose(linear @ linear.T, np.eye(2), atol=1e-5)
+  np.testing.assert_allclose(matrix[6:], 0.0, atol=1e-7)
+  assert abs(linear[0, 1]) > 1e-3  # Some rotation was drawn.
 
 
 def test_compiled_warp_equals_tensorflows_projective_transform():

@@ -17,7 +17,7 @@ from sklearn import metrics as sk_metrics
 from configs import tabular as tabular_config
 from melanoma_jax.data import metadata
 from melanoma_jax.tabular import features
-from melanoma_jax.models.mlp import MLP
+from melanoma_jax.models import build_model
 from melanoma_jax.tabular import balance, task
 from melanoma_jax.utils.errors import InputError
 
@@ -162,7 +162,7 @@ def test_patient_context_uses_only_the_rows_it_is_given(tables):
 
 # ------------------------------------------------------------------------------------------------ model
 def test_mlp_shapes_and_dropout():
-  model = MLP(hidden_sizes=(16, 8), dropout_rate=0.5)
+  model = build_model("mlp", hidden_sizes=(16, 8), dropout_rate=0.5)
   x = np.ones((4, 12), np.float32)
   variables = model.init(jax.random.PRNGKey(0), x, train=False)
   assert [v["kernel"].shape for v in variables["params"].values()] == [(12, 16), (16, 8), (8, 1)]

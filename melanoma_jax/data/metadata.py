@@ -21,11 +21,15 @@ _STRING_COLUMNS = ("image_name", "patient_id", "sex", "anatom_site_general_chall
                    "diagnosis", "benign_malignant")
 
 
+MIN_AGE, MAX_AGE = 0, 120
+
+
 def load_metadata(path, split="train"):
   """Reads train.csv (split='train', needs `target`) or test.csv (split='test') and validates it.
 
   Raises InputError naming the file and the column for: a missing file, missing columns, an empty
-  table, empty or duplicate image names, missing patient ids, non-numeric ages, targets not 0/1.
+  table, empty or duplicate image names, missing patient ids, non-numeric or implausible ages (outside
+  0-120), targets not 0/1.
   """
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -57,6 +61,11 @@ def load_metadata(path, split="train"):
   if bad_age.any():
     raise InputError(f"{path}: column age_approx has non-numeric value "
                      f"{df.loc[bad_age, 'age_approx'].iloc[0]!r}")
+  implausible = age.notna() & ~age.between(MIN_AGE, MAX_AGE)
+  if implausible.any():  # Min-Max scaling would squash every other age into a sliver of [0, 1].
+    first = int(np.argmax(implausible.to_numpy()))
+    raise InputError(f"{path}: column age_approx has implausible value {age.iloc[first]:g} at line {first + 2} "
+                     f"(ages must be {MIN_AGE}-{MAX_AGE}; {int(implausible.sum())} such row(s))")
   df["age_approx"] = age.astype("float64")
   if "target" in df.columns:
     target = pd.to_numeric(df["target"], errors="coerce")

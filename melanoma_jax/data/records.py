@@ -206,12 +206,21 @@ def _parse_raw(serialized, path):
   return fields
 
 
+def _check_required(fields, path, index):
+  """`fields`, after checking that `image` and `image_name` each hold one bytes value."""
+  for key in ("image", "image_name"):
+    if key not in fields:
+      raise InputError(f"{path}: record {index} has no '{key}' feature (has {', '.join(sorted(fields))})")
+    if not isinstance(fields[key], bytes):
+      raise InputError(f"{path}: record {index}'s '{key}' feature must be one bytes value, found "
+                       f"{type(fields[key]).__name__} {str(fields[key])[:40]}")
+  return fields
+
+
 def detect_layout(path):
   """'resized' if the first record has int64 metadata fields, else 'competition'."""
   for serialized in iter_serialized(path):
-    fields = _parse_raw(serialized, path)
-    if "image" not in fields or "image_name" not in fields:
-      raise InputError(f"{path}: records lack the 'image' and 'image_name' keys (has {sorted(fields)})")
+    _check_required(_parse_raw(serialized, path), path, 0)
     example = tf().train.Example.FromString(serialized)
     kinds = {k: f.WhichOneof("kind") for k, f in example.features.feature.items()}
     if kinds.get("patient_id") == "int64_list" or kinds.get("sex") == "int64_list":
@@ -228,8 +237,8 @@ def read_examples(path, codes=None, table=None):
   table's row of the same image_name (None where the table has a missing value).
   """
   rows = table.set_index("image_name") if table is not None else None
-  for serialized in iter_serialized(path):
-    fields = _parse_raw(serialized, path)
+  for index, serialized in enumerate(iter_serialized(path)):
+    fields = _check_required(_parse_raw(serialized, path), path, index)
     fields["image_name"] = fields["image_name"].decode()
     for key, value in list(fields.items()):
       if isinstance(value, bytes) and key != "image":

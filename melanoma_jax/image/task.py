@@ -18,9 +18,10 @@ from melanoma_jax.data import pipeline as pipeline_lib
 from melanoma_jax.image import data as data_lib
 from melanoma_jax.image import setup
 from melanoma_jax.training import checkpoint as checkpoint_lib
+from melanoma_jax.training import identity
 from melanoma_jax.training import loop, metrics, predict as predict_lib, reporting, steps
 from melanoma_jax.training import state as state_lib
-from melanoma_jax.utils import plots
+from melanoma_jax.utils import files, plots
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.results import write_results
 
@@ -36,6 +37,12 @@ def initial_state(run, model, tx, rng):
   variables = init_with_pretrained_backbone(model, jax.random.fold_in(rng, 1), backbone)
   logging.info("backbone initialised from %s", run.init_weights)
   return state_lib.create_train_state(model, tx, rng, None, variables=variables)
+
+
+def _check_identity(config, data, workdir, record=True):
+  """Refuses a workdir that holds a run of another config or data (before anything is restored)."""
+  digest = identity.csv_digest(data.train_df.attrs["path"], data.test_df.attrs["path"])
+  identity.check_or_record(workdir, identity.of(config, digest), record=record)
 
 
 def _checkpointer(run, workdir):
@@ -67,6 +74,7 @@ def train(config, workdir, start_time=None):
   run = setup.resolve(config)
   os.makedirs(workdir, exist_ok=True)
   data = data_lib.resolve_data(run, workdir)
+  _check_identity(config, data, workdir)
   split = data_lib.make_split(run, data)
   pipeline = data_lib.make_pipeline(run, data, split)
   weights = data_lib.stream_class_weights(run, pipeline)
@@ -129,6 +137,7 @@ def predict(config, workdir, prepared=None, p_predict=None):
   if prepared is None:
     run = setup.resolve(config)
     data = data_lib.resolve_data(run, workdir)
+    _check_identity(config, data, workdir, record=False)
     split = data_lib.make_split(run, data)
     prepared = (run, data, split, data_lib.make_pipeline(run, data, split), run.build_model())
   run, data, split, pipeline, model = prepared
@@ -146,19 +155,14 @@ def predict(config, workdir, prepared=None, p_predict=None):
   state = steps.replicate(state)
   p_predict = p_predict or steps.p_predict(steps.make_predict_step(model, tta=run.tta))
 
+  # Every prediction first, then every file: a run killed half-way leaves the previous outputs whole.
   names, targets, probs = infer(p_predict, state, pipeline, pipeline.val_dataset(), data.train_files,
                                 len(split.val_df), "the validation fold")
+  test_names, _, test_probs = infer(p_predict, state, pipeline, pipeline.test_dataset(len(data.test_df)),
+                                    data.test_files, len(data.test_df), "test.csv")
   by_name = split.val_df.set_index("image_name")
   oof = pd.DataFrame({"image_name": names, "patient_id": by_name.loc[names, "patient_id"].to_numpy(),
                       "target": targets.astype(int), "prediction": probs, "fold": run.fold})
-  oof_path = os.path.join(workdir, "oof.csv")
-  oof.to_csv(oof_path, index=False)
-  roc_path = os.path.join(workdir, "roc.png")
-  auc = plots.save_roc(oof["target"], oof["prediction"], roc_path,
-                       title=f"Validation fold {run.fold} (epoch {meta['epoch']})")
-
-  test_names, _, test_probs = infer(p_predict, state, pipeline, pipeline.test_dataset(len(data.test_df)),
-                                    data.test_files, len(data.test_df), "test.csv")
   submission = pd.DataFrame({"image_name": test_names, "target": test_probs})
   submission = submission.set_index("image_name").reindex(data.test_df["image_name"])
   skipped = submission["target"].isna()
@@ -166,8 +170,13 @@ def predict(config, workdir, prepared=None, p_predict=None):
     logging.warning("%d corrupt test image(s) get the median prediction", int(skipped.sum()))
     submission.loc[skipped, "target"] = float(np.median(test_probs))
   submission = submission.reset_index()
-  submission_path = os.path.join(workdir, "submission.csv")
-  submission.to_csv(submission_path, index=False)
+
+  oof_path = files.write_csv(oof, os.path.join(workdir, "oof.csv"))
+  submission_path = files.write_csv(submission, os.path.join(workdir, "submission.csv"))
+  roc_path = os.path.join(workdir, "roc.png")
+  with files.atomic_path(roc_path) as tmp:
+    auc = plots.save_roc(oof["target"], oof["prediction"], tmp,
+                         title=f"Validation fold {run.fold} (epoch {meta['epoch']})")
   logging.info("best checkpoint (epoch %d): validation AUC %.4f%s; wrote %s, %s, %s", meta["epoch"], auc,
                " with flip TTA" if run.tta else "", submission_path, oof_path, roc_path)
   return {"submission": submission_path, "oof": oof_path, "roc": roc_path, "predict_val_auc": auc,

@@ -11,8 +11,6 @@ WORKDIR/tensorboard/fold_K and stops with exit 3 on a non-finite loss. It writes
 An empty `config.data_dir` means the real ISIC 2020 CSVs embedded in the package.
 """
 import dataclasses
-import hashlib
-import json
 import os
 import time
 
@@ -27,18 +25,12 @@ from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import metadata
 from melanoma_jax.tabular import balance, features
 from melanoma_jax.training import checkpoint as checkpoint_lib
+from melanoma_jax.training import identity
 from melanoma_jax.training import loop, losses, metrics, predict as predict_lib, reporting, steps
 from melanoma_jax.training import state as state_lib
-from melanoma_jax.utils import plots
+from melanoma_jax.utils import files, plots
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.results import write_results
-
-# Config fields that change what a fold's checkpoint holds; a rerun with other values must not reuse it.
-_MODEL_FIELDS = ("seed", "num_folds", "num_epochs", "per_device_batch_size", "global_batch_size",
-                 "learning_rate", "dropout_rate", "hidden_sizes", "patient_context", "smote",
-                 "smote_k_neighbors", "early_stopping_patience", "early_stopping_start_epoch",
-                 "label_smoothing", "class_weights")  # calibrate: applied after, never saved.
-
 
 @dataclasses.dataclass(frozen=True)
 class TabularRun:
@@ -80,28 +72,23 @@ def load_tables(config):
   return metadata.load_metadata(train_path, "train"), metadata.load_metadata(test_path, "test")
 
 
+def checked_tables(config):
+  """load_tables, refusing patients that are in both tables."""
+  train_df, test_df = load_tables(config)
+  logging.info("%s", metadata.check_leakage(train_df, test_df))
+  return train_df, test_df
+
+
 def train_table(config, workdir):
   """The training table of the run's data source (for `--mode=data`), leakage-checked against test.csv."""
   del workdir  # The tabular task reads its tables where they are.
-  train_df, test_df = load_tables(config)
-  logging.info("%s", metadata.check_leakage(train_df, test_df))
-  return train_df
+  return checked_tables(config)[0]
 
 
 def epoch_batches(x, y, global_batch, rng):
   """(sharded batch, None) of every row once in a shuffled order; the last batch padded with mask 0."""
   order = rng.permutation(len(x))
   return predict_lib.array_batches(x[order], global_batch, y=y[order])
-
-
-def _fingerprint(config, train_df, num_devices):
-  """Hash of the model-defining config fields and the training table (names, features, targets)."""
-  fields = {k: config.get(k) for k in _MODEL_FIELDS}
-  fields["num_devices"] = num_devices
-  table = train_df[["image_name", "patient_id", "target"] + list(features.FEATURE_COLUMNS)]
-  digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode())
-  digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
-  return digest.hexdigest()[:16]
 
 
 def _sigmoid(z):
@@ -146,7 +133,7 @@ class _Trainer:
                      first_candidate_epoch=self.run.first_candidate_epoch, label=f"fold {fold}")
 
 
-def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
+def _run_fold(trainer, fold, train_df, val_df, test_df, workdir):
   """Trains (or resumes, or reuses) one fold; returns (validation probs, test probs, details)."""
   config, run = trainer.config, trainer.run
   preprocessor = features.fit(train_df, bool(config.patient_context))
@@ -159,9 +146,6 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
   try:
     latest = checkpointer.latest_step()
     saved = checkpointer.read_meta(latest) if latest is not None else None
-    if saved is not None and saved.get("fingerprint") != fingerprint:
-      raise InputError(f"{checkpointer.directory} holds a model from another config or data; "
-                       "use a new --workdir")
     train_rows = len(x)
     if config.smote:
       x, y = balance.smote_resample(x, y, run.seed + fold, int(config.smote_k_neighbors))
@@ -178,7 +162,7 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, fingerprint, workdir):
                                             np.random.default_rng([run.seed, fold, epoch])),
         evaluate=lambda state: {"val_auc": metrics.roc_auc(
             y_val, trainer.logits(state, x_val, f"fold {fold} validation rows"))},
-        meta={"fingerprint": fingerprint, "preprocessor": preprocessor.to_dict()})
+        meta={"preprocessor": preprocessor.to_dict()})
     state, meta = checkpointer.restore_best(initial)
   finally:
     summaries.close()
@@ -209,21 +193,21 @@ def train(config, workdir, start_time=None):
   start = start_time or time.time()
   run = resolve(config)
   os.makedirs(workdir, exist_ok=True)
-  train_df = train_table(config, workdir)
-  _, test_df = load_tables(config)
+  train_df, test_df = checked_tables(config)
+  digest = identity.csv_digest(train_df.attrs["path"], test_df.attrs["path"])
+  identity.check_or_record(workdir, identity.of(config, digest))
   unknown = features.fit(train_df).unknown_categories(test_df)
   fold_ids = folds_lib.assign_folds(train_df, run.num_folds, run.seed)
   folds_lib.check_folds_have_both_classes(train_df, fold_ids, range(run.num_folds))
   logging.info("patient-grouped folds:\n%s", folds_lib.fold_summary(train_df, fold_ids).to_string())
   trainer = _Trainer(config, run)
-  fingerprint = _fingerprint(config, train_df, run.num_devices)
   oof = np.full(len(train_df), np.nan)
   test_preds, fold_details, fold_aucs = [], [], []
   for fold in range(run.num_folds):
     in_fold = fold_ids == fold
     val_pred, test_pred, details = _run_fold(
         trainer, fold, train_df[~in_fold].reset_index(drop=True),
-        train_df[in_fold].reset_index(drop=True), test_df, fingerprint, workdir)
+        train_df[in_fold].reset_index(drop=True), test_df, workdir)
     oof[in_fold] = val_pred
     test_preds.append(test_pred)
     feature_columns = details.pop("feature_columns")
@@ -233,14 +217,14 @@ def train(config, workdir, start_time=None):
                  details["best_epoch"], details["epochs_run"])
   targets = train_df["target"].to_numpy()
   oof_auc = metrics.roc_auc(targets, oof)
-  pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
-                "target": targets, "prediction": oof, "fold": fold_ids}).to_csv(
-                    os.path.join(workdir, "oof.csv"), index=False)
-  pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}).to_csv(
-      os.path.join(workdir, "submission.csv"), index=False)
+  files.write_csv(pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
+                                "target": targets, "prediction": oof, "fold": fold_ids}),
+                  os.path.join(workdir, "oof.csv"))
+  files.write_csv(pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}),
+                  os.path.join(workdir, "submission.csv"))
   context = "with" if config.patient_context else "without"
-  plots.save_roc(targets, oof, os.path.join(workdir, "roc.png"),
-                 f"Tabular MLP, out-of-fold ({context} patient context)")
+  with files.atomic_path(os.path.join(workdir, "roc.png")) as tmp:
+    plots.save_roc(targets, oof, tmp, f"Tabular MLP, out-of-fold ({context} patient context)")
   results = {"task": "tabular", "oof_auc": oof_auc, "fold_aucs": fold_aucs,
              "patient_context": bool(config.patient_context), "smote": bool(config.smote),
              "num_features": len(feature_columns), "feature_columns": feature_columns, "folds": fold_details,

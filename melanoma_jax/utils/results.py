@@ -6,6 +6,8 @@ import os
 import platform
 import sys
 
+from melanoma_jax.utils import files
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu", "keras",
              "numpy", "pandas", "scikit-learn", "imbalanced-learn", "ml-collections")
 
@@ -38,17 +40,15 @@ def _jsonable(value):
   return str(value)
 
 
-def write_results(workdir, metrics, config=None):
-  """Writes WORKDIR/results.json atomically and returns its path."""
+def write_results(workdir, metrics, config=None, name="results.json"):
+  """Writes WORKDIR/`name` (metrics, config, versions) atomically and returns its path."""
   os.makedirs(workdir, exist_ok=True)
   payload = dict(_jsonable(metrics))
   if config is not None:
     payload["config"] = _jsonable(config.to_dict() if hasattr(config, "to_dict") else config)
   payload["versions"] = package_versions()
   payload["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-  path = os.path.join(workdir, "results.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  path = os.path.join(workdir, name)
+  with files.atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
   return path

@@ -1,0 +1,79 @@
+"""A run's identity: what defines the model a workdir holds, recorded before its first checkpoint.
+
+WORKDIR/run.json holds every config field that changes what the checkpoints mean (task, model, image size,
+folds and fold, seed, optimizer, batch, data source, ...) plus a hash of the data's CSVs. A later train or
+predict on the same workdir compares its config with that record alone, before restoring anything, and
+refuses a mismatch with one line naming the fields that differ. Fields that may change between runs of the
+same model (`MAY_CHANGE`: more epochs, logging, prediction-time settings) are left out of the record.
+"""
+import hashlib
+import json
+import os
+
+from absl import logging
+
+from melanoma_jax.utils import files
+from melanoma_jax.utils.errors import InputError
+
+RECORD = "run.json"
+# Fields a rerun may change: they extend or observe a run without changing what its checkpoints hold.
+MAY_CHANGE = frozenset({
+    "num_epochs",  # Extends a run (or, tabular, raises the early-stopping ceiling).
+    "log_every_steps", "checkpoints_to_keep", "tta", "skip_corrupt", "calibrate",
+    "model.remat", "model.kernels",  # How the same values are computed.
+})
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def csv_digest(*paths):
+  """sha256 of the files' bytes, in order (the data's tables, whose rows and labels define a run)."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  return digest.hexdigest()
+
+
+def of(config, data_digest):
+  """The identity of a run of `config` on data whose CSVs hash to `data_digest`."""
+  fields = _flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  identity = {k: v for k, v in sorted(fields.items()) if k not in MAY_CHANGE}
+  identity["data.csv_sha256"] = data_digest
+  return json.loads(json.dumps(identity, default=str))  # As it reads back from run.json.
+
+
+def check_or_record(workdir, identity, record=True):
+  """Raises InputError unless `identity` matches WORKDIR's record; records it where there is none (and
+  `record`: prediction only checks)."""
+  path = os.path.join(workdir, RECORD)
+  if not os.path.exists(path):
+    if not record:
+      return
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+      logging.warning("%s has checkpoints but no %s (made before runs were recorded); recording this run's "
+                      "config as its identity", workdir, RECORD)
+    with files.atomic_path(path) as tmp, open(tmp, "w") as f:
+      json.dump(identity, f, indent=2, sort_keys=True)
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InputError(f"{path}: unreadable run record ({e}); use another --workdir") from None
+  differ = [k for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)]
+  if differ:
+    shown = ", ".join(f"{k} {recorded.get(k)!r} -> {identity.get(k)!r}" for k in differ[:4])
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    raise InputError(f"{path}: this workdir holds a run of another config or data ({shown}{more}); use another "
+                     f"--workdir, or the recorded values (only {', '.join(sorted(MAY_CHANGE))} may change)")

@@ -1,0 +1,36 @@
+"""One run at a time per workdir: an advisory lock held for the whole run.
+
+The lock is `fcntl.flock` on WORKDIR/.lock, which the kernel releases when the holding process ends, however
+it ends, so a lock left by a killed run never blocks the next one. The file names the holder (pid, host,
+start time) for the refusal message.
+"""
+import contextlib
+import datetime
+import fcntl
+import os
+import socket
+
+from melanoma_jax.utils.errors import InputError
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock(workdir):
+  """Holds WORKDIR's lock; raises InputError at once, naming the holder, if another process has it."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+      raise InputError(f"{os.path.abspath(workdir)} is in use by {holder}; wait for that run to end or use "
+                       "another --workdir") from None
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (started {started})\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # Closing the descriptor releases the lock.
