@@ -11,7 +11,7 @@ bf16 FLOP/s (a table of known chips, or --peak_tflops).
 Memory is XLA's estimate and, where the runtime reports it, the devices' peak use. A setting that fails
 (out of memory, say) is reported with its error and the others still run.
 
-  pip install "jax[cuda13]==0.10.2"   # once, on the GPU host (see README, GPU)
+  pip install "jax[cuda13]==0.12.0.1"   # once, on the GPU host (see README, GPU)
   .venv/bin/python benchmarks/gpu.py                        # 299 (64/GPU) and 1024 (16/GPU, remat)
   .venv/bin/python benchmarks/gpu.py --configs 1024:16:remat,1024:16 --out gpu.json
   .venv/bin/python benchmarks/gpu.py --configs 299:64:xla,299:64:cpu   # the XLA:CPU workarounds off, on
