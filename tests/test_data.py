@@ -1,6 +1,7 @@
 """Metadata validation, leakage refusal, patient-grouped folds, TFRecord layouts and corrupt files."""
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -193,6 +194,61 @@ def test_converter_cli_from_jpeg_folder(tmp_path, real_train):
   # A corrupt JPEG: named in a one-line error, or skipped and counted when asked.
   (images_dir / f"{rows['image_name'].iloc[2]}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
   with pytest.raises(InputError, match=f"{rows['image_name'].iloc[2]}.jpg: corrupt or unreadable image"):
-    records.convert_folder(tmp_path / "train.csv", images_dir, out, 24)
+    records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out1", 24)
   summary = records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out2", 24, skip_corrupt=True)
   assert summary["written"] == 3 and summary["skipped"] == 1
+
+
+def _jpeg_folder(tmp_path, rows):
+  images_dir = tmp_path / "jpeg"
+  images_dir.mkdir()
+  for i, name in enumerate(rows["image_name"]):
+    Image.fromarray(np.full((30, 40, 3), 40 * i, np.uint8)).save(images_dir / f"{name}.jpg")
+  return images_dir
+
+
+def test_converter_never_writes_over_its_inputs(tmp_path, real_train):
+  rows = real_train.head(4)
+  images_dir = _jpeg_folder(tmp_path, rows)
+  rows.to_csv(tmp_path / "train.csv", index=False)
+  before = (tmp_path / "train.csv").read_bytes()
+  with pytest.raises(InputError, match="--out would write over the input CSV"):
+    records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path, 24)
+  assert (tmp_path / "train.csv").read_bytes() == before
+  # Shards of an earlier conversion (another shard count) would be read beside the new ones: refused.
+  records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out", 24, num_shards=2)
+  with pytest.raises(InputError, match=r"already holds 2 train\*.tfrec shard\(s\)"):
+    records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out", 24, num_shards=1)
+  # The test split reuses the training split's codes.json in the same folder: read, not rewritten.
+  test_rows = real_train.head(2).drop(columns=["target"])
+  test_rows.to_csv(tmp_path / "test.csv", index=False)
+  codes = tmp_path / "out" / records.CODES_FILE
+  stamp = codes.stat().st_mtime_ns
+  records.convert_folder(tmp_path / "test.csv", images_dir, tmp_path / "out", 24, split="test", codes_path=codes)
+  assert codes.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("name", ["../outside", "/etc/passwd", "sub/dir", ".."])
+def test_converter_reads_only_inside_the_images_folder(tmp_path, real_train, name):
+  rows = real_train.head(3).copy()
+  images_dir = _jpeg_folder(tmp_path, rows)
+  rows.loc[1, "image_name"] = name
+  rows.to_csv(tmp_path / "train.csv", index=False)
+  with pytest.raises(InputError, match=f"image_name '{re.escape(name)}' at line 3 is not a plain file name"):
+    records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out", 24, skip_corrupt=True)
+  assert not (tmp_path / "out").exists()
+
+
+def test_converter_skips_decompression_bombs_and_missing_images(tmp_path, real_train, monkeypatch):
+  from PIL import Image as PILImage  # pylint: disable=g-import-not-at-top
+  rows = real_train.head(4)
+  images_dir = _jpeg_folder(tmp_path, rows)
+  PILImage.fromarray(np.zeros((200, 200, 3), np.uint8)).save(images_dir / f"{rows['image_name'].iloc[1]}.jpg")
+  os.remove(images_dir / f"{rows['image_name'].iloc[3]}.jpg")
+  rows.to_csv(tmp_path / "train.csv", index=False)
+  # Pillow refuses images above twice MAX_IMAGE_PIXELS; a small limit makes the 200x200 image one.
+  monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
+  with pytest.raises(InputError, match="refused as a possible decompression bomb"):
+    records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out1", 24)
+  summary = records.convert_folder(tmp_path / "train.csv", images_dir, tmp_path / "out2", 24, skip_corrupt=True)
+  assert summary["written"] == 2 and summary["skipped"] == 2

@@ -77,3 +77,19 @@ def test_records_without_a_usable_image_name_are_named(change, expected, tmp_pat
   proc = _main("demo", tmp_path / "w", f"--config.data_dir={data_dir}", "--config.model.name=tiny",
                "--config.per_device_batch_size=2", "--config.num_epochs=1")
   _assert_one_line_error(proc, f"{shard}: {expected}")
+
+
+def test_weights_blown_up_on_an_epochs_last_step_end_in_one_line(tmp_path):
+  """The loss of the epoch's last step is finite, but its update (an infinite learning rate) makes the
+  weights NaN: the validation pass then predicts NaN, which ends the run with exit 3 and the epoch named,
+  not an AUC traceback."""
+  data_dir = tmp_path / "data"
+  synthetic.generate_dataset(str(data_dir), num_patients=24, image_size=75, seed=0)
+  proc = _main("demo", tmp_path / "w", f"--config.data_dir={data_dir}", "--config.model.name=tiny",
+               "--config.per_device_batch_size=2", "--config.num_epochs=1", "--config.max_steps_per_epoch=1",
+               "--config.optimizer.lr_max=inf", "--config.optimizer.lr_min=inf",
+               "--config.freeze_backbone_epochs=0")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: epoch 1: the validation fold: ") and "are NaN or inf" in last, last
+  assert "Traceback" not in proc.stderr

@@ -119,6 +119,30 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, data_dir, tmp_path
   pd.testing.assert_frame_equal(pd.read_csv(workdir / "submission.csv"), pd.read_csv(reference / "submission.csv"))
 
 
+def test_a_run_killed_inside_a_checkpoint_save_resumes_to_the_same_result(uninterrupted, data_dir, tmp_path):
+  reference, _ = uninterrupted
+  workdir = tmp_path / "killed_in_save"
+  proc = _main(workdir, data_dir, wait=False)
+  checkpoints = workdir / "checkpoints"
+  deadline, in_save = time.time() + 300, None
+  while in_save is None and time.time() < deadline and proc.poll() is None:
+    if checkpoints.is_dir():  # orbax writes a step into <step>.orbax-checkpoint-tmp*, renamed when complete.
+      in_save = next((p.name for p in checkpoints.iterdir() if ".orbax-checkpoint-tmp" in p.name), None)
+    if in_save is None:
+      time.sleep(0.001)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert in_save, "no checkpoint save was seen in progress"
+  assert not (workdir / "results.json").exists()
+  resumed = _main(workdir, data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  want = json.loads((reference / "results.json").read_text())
+  got = json.loads((workdir / "results.json").read_text())
+  assert got["history"] == want["history"] and got["steps"] == want["steps"]
+  assert got["best_val_auc"] == want["best_val_auc"]
+  pd.testing.assert_frame_equal(pd.read_csv(workdir / "submission.csv"), pd.read_csv(reference / "submission.csv"))
+
+
 def test_rerun_of_a_finished_run_does_not_train_again(uninterrupted, data_dir, caplog):
   workdir, _ = uninterrupted
   before = json.loads((workdir / "results.json").read_text())

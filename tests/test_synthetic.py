@@ -196,13 +196,14 @@ def test_second_call_reuses_a_complete_dataset(tiny):
   assert again["train_records"] == tiny["train_records"]
 
 
-def test_dir_without_manifest_is_regenerated_cleanly(tmp_path):
+def test_an_incomplete_dataset_is_regenerated_cleanly(tmp_path):
   first = synthetic.generate_dataset(tmp_path / "ds", **TINY)
   shard = first["train_records"][0]
   good = _read_bytes(shard)
-  os.remove(os.path.join(first["out_dir"], synthetic.MANIFEST))
   with open(shard, "wb") as f:
-    f.write(good[: len(good) // 2])  # As if killed while writing.
+    f.write(good[: len(good) // 2])  # Damaged after the fact: the manifest no longer matches.
+  (tmp_path / "ds.partial").mkdir()  # A scratch folder of an earlier, killed run ...
+  (tmp_path / "ds.partial" / ".synthetic-partial").write_text("")  # ... carries the generator's mark.
   second = synthetic.generate_dataset(tmp_path / "ds", **TINY)
   assert not second["reused"]
   assert _read_bytes(shard) == good
@@ -210,7 +211,27 @@ def test_dir_without_manifest_is_regenerated_cleanly(tmp_path):
   assert not os.path.exists(second["out_dir"] + ".partial")
   with open(os.path.join(second["out_dir"], synthetic.MANIFEST)) as f:
     manifest = json.load(f)
-  assert manifest["params"]["image_size"] == SIZE and "train.csv" in manifest["files"]
+  assert manifest["params"]["image_size"] == SIZE and set(manifest["files"]) == (
+      set(os.listdir(second["out_dir"])) - {synthetic.MANIFEST})
+
+
+def test_a_folder_the_generator_did_not_write_is_never_replaced(tmp_path):
+  """A resized real set (train.csv, test.csv, train00-2182.tfrec ...) looks like a generated one by its file
+  names; without the generator's manifest it is not touched, nor is a scratch folder it did not make."""
+  real = tmp_path / "melanoma-512"
+  real.mkdir()
+  for name in ("train.csv", "test.csv", "train00-2182.tfrec", "test00-687.tfrec", "codes.json"):
+    (real / name).write_text("the user's data")
+  with pytest.raises(InputError, match="not a dataset this generator wrote"):
+    synthetic.generate_dataset(real, **TINY)
+  assert sorted(os.listdir(real)) == sorted(["train.csv", "test.csv", "train00-2182.tfrec", "test00-687.tfrec",
+                                             "codes.json"])
+  assert all((real / n).read_text() == "the user's data" for n in os.listdir(real))
+  (tmp_path / "new.partial").mkdir()
+  (tmp_path / "new.partial" / "notes.txt").write_text("keep me")
+  with pytest.raises(InputError, match="new.partial: exists and was not made by this generator"):
+    synthetic.generate_dataset(tmp_path / "new", **TINY)
+  assert (tmp_path / "new.partial" / "notes.txt").read_text() == "keep me"
 
 
 def test_refuses_to_replace_a_folder_with_other_files(tmp_path):

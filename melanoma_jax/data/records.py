@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from melanoma_jax.data import metadata
+from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
@@ -269,42 +270,74 @@ def load_resized_jpeg(path, size, quality=95):
       side = min(width, height)
       left, top = (width - side) // 2, (height - side) // 2
       image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-  except (OSError, SyntaxError, ValueError) as e:
-    raise InputError(f"{path}: corrupt or unreadable image ({e})") from None
+  except Image.DecompressionBombError as e:
+    raise InputError(f"{path}: refused as a possible decompression bomb ({e}; Pillow's limit is "
+                     f"{2 * Image.MAX_IMAGE_PIXELS} pixels)") from None
+  except Exception as e:  # pylint: disable=broad-except  (any decoder failure is this image's failure)
+    raise InputError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
   buffer = io.BytesIO()
   image.save(buffer, format="JPEG", quality=quality)
   return buffer.getvalue()
+
+
+def _plain_name(name, csv_path, line):
+  """`name`, after checking that it names a file directly inside the images folder."""
+  if (not name or name in (".", "..") or os.path.isabs(name) or "/" in name or "\\" in name
+      or os.sep in name or "\0" in name):
+    raise InputError(f"{csv_path}: image_name {name!r} at line {line} is not a plain file name (no path "
+                     "separators, '..' or absolute paths: images are read only from --images)")
+  return name
+
+
+def _check_outputs(csv_path, codes_path, out_dir, split):
+  """Refuses an output folder whose CSV would overwrite the input or that holds shards of another run."""
+  out_csv = os.path.join(out_dir, f"{split}.csv")
+  if os.path.exists(out_csv) and os.path.samefile(out_csv, csv_path):
+    raise InputError(f"{out_csv}: --out would write over the input CSV; choose another output folder")
+  stale = glob.glob(os.path.join(out_dir, f"{split}*.tfrec"))
+  if stale:
+    raise InputError(f"{out_dir}: already holds {len(stale)} {split}*.tfrec shard(s) (e.g. "
+                     f"{os.path.basename(sorted(stale)[0])}) that this conversion would mix with its own; "
+                     "remove them or choose another output folder")
+  out_codes = os.path.join(out_dir, CODES_FILE)
+  return not (codes_path and os.path.exists(out_codes) and os.path.samefile(out_codes, codes_path))
 
 
 def convert_folder(csv_path, images_dir, out_dir, size, split="train", num_shards=16, codes_path=None,
                    skip_corrupt=False):
   """Converts `images_dir/<image_name>.jpg` for every CSV row into resized-layout shards + codes.json.
 
-  Corrupt images raise InputError naming the file, or with skip_corrupt are left out and counted.
-  Returns a summary dict.
+  Never writes over its inputs: an output folder holding the input CSV or shards of an earlier conversion
+  is refused. Image names must be plain file names inside `images_dir`. An image that cannot be converted
+  (missing, corrupt, a decompression bomb) raises InputError naming the file, or with skip_corrupt is
+  left out and counted. Returns a summary dict.
   """
   df = metadata.load_metadata(csv_path, split)
+  write_codes = _check_outputs(csv_path, codes_path, out_dir, split)
   codes = load_codes(codes_path) if codes_path else fit_codes(df)
   start, kept, skipped = time.time(), [], []
   images = []
   for i, row in enumerate(df.itertuples(index=False)):
-    path = os.path.join(images_dir, f"{row.image_name}.jpg")
+    path = os.path.join(images_dir, _plain_name(row.image_name, csv_path, i + 2) + ".jpg")
     try:
       images.append(load_resized_jpeg(path, size))
       kept.append(i)
     except InputError as e:
-      if not skip_corrupt or not os.path.isfile(path):
+      if not skip_corrupt:
         raise
       skipped.append(row.image_name)
       logging.warning("skipping %s", e)
     if (i + 1) % 500 == 0:
       rate = (i + 1) / (time.time() - start)
       logging.info("%d/%d images, %.1f images/s, ETA %.0f s", i + 1, len(df), rate, (len(df) - i - 1) / rate)
+  if not kept:
+    raise InputError(f"{images_dir}: none of the {len(df)} image(s) of {csv_path} could be converted")
   paths = write_resized_records(df.iloc[kept], images, out_dir, split, num_shards, codes)
-  save_codes(codes, os.path.join(out_dir, CODES_FILE))
-  df.iloc[kept].to_csv(os.path.join(out_dir, f"{split}.csv"), index=False)
+  if write_codes:
+    save_codes(codes, os.path.join(out_dir, CODES_FILE))
+  files.write_csv(df.iloc[kept], os.path.join(out_dir, f"{split}.csv"))
   if skipped:
-    logging.warning("%d corrupt image(s) skipped, e.g. %s", len(skipped), ", ".join(skipped[:5]))
+    logging.warning("%d image(s) skipped, e.g. %s", len(skipped), ", ".join(skipped[:5]))
   return {"written": len(kept), "skipped": len(skipped), "shards": paths, "seconds": time.time() - start}
 
 
@@ -317,7 +350,8 @@ def main(argv=None):
   parser.add_argument("--split", choices=("train", "test"), default="train")
   parser.add_argument("--num-shards", type=int, default=16)
   parser.add_argument("--codes", default=None, help="reuse codes.json of an earlier conversion (for test)")
-  parser.add_argument("--skip-corrupt", action="store_true", help="skip and count corrupt images")
+  parser.add_argument("--skip-corrupt", action="store_true",
+                      help="skip and count images that cannot be converted (missing, corrupt, too large)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:

@@ -3,6 +3,7 @@
 Everything is written into `out_dir.partial` and renamed to out_dir when complete, so out_dir is never
 half-written; a folder that already holds a complete dataset of the same parameters is reused as is.
 """
+import json
 import logging
 import os
 import shutil
@@ -18,9 +19,6 @@ from melanoma_jax.data.synthetic import manifest as manifest_lib
 from melanoma_jax.data.synthetic import patients
 from melanoma_jax.data.synthetic import render
 from melanoma_jax.utils.errors import InputError
-
-_OUTPUT_FILES = ("train.csv", "test.csv", "test_hidden_labels.csv", records.CODES_FILE, "contact_sheet.png",
-                 "SYNTHETIC.md", manifest_lib.MANIFEST)
 
 
 def _auto_shards(num_rows):
@@ -81,28 +79,57 @@ written last: a folder without it is incomplete).
 """
 
 
-def _is_generated_file(name):
-  base = name[: -len(".partial")] if name.endswith(".partial") else name
-  return base in _OUTPUT_FILES or (base.startswith(("train", "test")) and base.endswith(".tfrec"))
+_PARTIAL_MARK = ".synthetic-partial"  # Marks a scratch folder as this generator's, so a rerun may clear it.
+
+
+def _owned(out_dir):
+  """The names in out_dir this generator wrote (its manifest's files), or None if it has no manifest."""
+  try:
+    with open(os.path.join(out_dir, manifest_lib.MANIFEST)) as f:
+      return set(json.load(f).get("files", {})) | {manifest_lib.MANIFEST}
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def _check_replaceable(out_dir):
-  """InputError unless out_dir is absent or a folder holding only files a generated dataset has."""
+  """InputError unless out_dir is absent, empty, or a dataset this generator wrote (nothing else in it)."""
   if not os.path.lexists(out_dir):
     return
   if not os.path.isdir(out_dir) or os.path.islink(out_dir):
     raise InputError(f"{out_dir}: exists and is not a folder")
-  foreign = [n for n in os.listdir(out_dir) if not _is_generated_file(n)]
+  names = os.listdir(out_dir)
+  if not names:
+    return
+  owned = _owned(out_dir)
+  if owned is None:
+    raise InputError(f"{out_dir}: not empty and not a dataset this generator wrote (no readable "
+                     f"{manifest_lib.MANIFEST}; holds {', '.join(sorted(names)[:5])}); not touching it, choose "
+                     "an empty or new folder")
+  foreign = sorted(set(names) - owned)
   if foreign:
-    raise InputError(f"{out_dir}: holds files a synthetic dataset does not have "
-                     f"({', '.join(sorted(foreign)[:5])}); not replacing it, choose an empty or new folder")
+    raise InputError(f"{out_dir}: holds files the generator did not write ({', '.join(foreign[:5])}); not "
+                     "replacing it, choose an empty or new folder")
+
+
+def _fresh_scratch(tmp_dir):
+  """An empty tmp_dir marked as ours; an earlier one is cleared only if it carries the mark."""
+  if os.path.lexists(tmp_dir):
+    owned = _owned(tmp_dir) or set()
+    if not (os.path.isfile(os.path.join(tmp_dir, _PARTIAL_MARK)) or set(os.listdir(tmp_dir)) <= owned):
+      raise InputError(f"{tmp_dir}: exists and was not made by this generator; not touching it, move it "
+                       "or choose another --out")
+    shutil.rmtree(tmp_dir)
+  os.makedirs(tmp_dir)
+  open(os.path.join(tmp_dir, _PARTIAL_MARK), "w").close()
 
 
 def _replace_dir(tmp_dir, out_dir):
-  """Moves the finished tmp_dir to out_dir, first removing an older generated dataset there."""
+  """Moves the finished tmp_dir to out_dir, first removing the files of an older dataset there (only those)."""
   _check_replaceable(out_dir)
   if os.path.lexists(out_dir):
-    shutil.rmtree(out_dir)
+    for name in os.listdir(out_dir):  # All of them listed in its manifest (just checked).
+      os.remove(os.path.join(out_dir, name))
+    os.rmdir(out_dir)
   os.replace(tmp_dir, out_dir)
 
 
@@ -130,6 +157,7 @@ def _write_dataset(tmp_dir, train_df, test_df, test_truth, params, num_workers):
             "test_malignant": int(np.sum(test_truth))}
   with open(os.path.join(tmp_dir, "SYNTHETIC.md"), "w") as f:
     f.write(_README.format(version=manifest_lib.GENERATOR_VERSION, seed=seed, size=size, **counts))
+  os.remove(os.path.join(tmp_dir, _PARTIAL_MARK))  # The manifest, written last, lists only the dataset.
   return manifest_lib.write_manifest(tmp_dir, params, counts)
 
 
@@ -181,8 +209,7 @@ def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_
   test_df = test_all[test_all["patient_id"].isin(test_patients)]
   metadata.check_leakage(train_df, test_df)
   tmp_dir = out_dir + ".partial"
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  os.makedirs(tmp_dir)
+  _fresh_scratch(tmp_dir)
   test_truth = patients.hidden_test_labels(test_df, seed)
   manifest = _write_dataset(tmp_dir, train_df, test_df, test_truth, params, num_workers)
   _replace_dir(tmp_dir, out_dir)
