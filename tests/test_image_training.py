@@ -5,6 +5,7 @@ real InceptionResNetV2 classifier for a few steps.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,3 +279,26 @@ def test_more_epochs_extend_a_finished_run(data_dir, tmp_path):
   first = image.train(_config(data_dir, num_epochs=1), workdir)
   longer = image.train(_config(data_dir, num_epochs=2, log_every_steps=5), workdir)  # Both may change.
   assert longer["history"][:1] == first["history"] and longer["epochs"] == 2
+
+
+def test_a_prediction_that_fails_half_way_leaves_the_previous_outputs_whole(data_dir, tmp_path):
+  """Validation predictions succeed, then a corrupt test JPEG stops the run: no output may have changed."""
+  from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
+  own_data = tmp_path / "data"
+  shutil.copytree(data_dir, own_data)
+  workdir = tmp_path / "run"
+  proc = _main(workdir, own_data, "--config.num_epochs=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  outputs = ("oof.csv", "submission.csv", "roc.png", "results.json")
+  before = {name: (workdir / name).stat().st_mtime_ns for name in outputs}
+  shard = sorted(own_data.glob("test*.tfrec"))[0]
+  tf_ = tf()
+  examples = [tf_.train.Example.FromString(r.numpy()) for r in tf_.data.TFRecordDataset(str(shard))]
+  examples[0].features.feature["image"].bytes_list.value[0] = b"\xff\xd8 not a jpeg"
+  with tf_.io.TFRecordWriter(str(shard)) as writer:
+    for example in examples:
+      writer.write(example.SerializeToString())
+  proc = _main(workdir, own_data, "--config.num_epochs=1", "--mode=predict")
+  assert proc.returncode == 1 and "is not a decodable JPEG" in proc.stderr.strip().splitlines()[-1]
+  assert {name: (workdir / name).stat().st_mtime_ns for name in outputs} == before
+  assert not [p.name for p in workdir.iterdir() if ".tmp" in p.name]
