@@ -270,6 +270,8 @@ def test_submission_has_one_probability_per_test_row(cv_run, data_dir):
 def test_rerun_reuses_finished_folds(cv_run):
   results = task.train(cv_run["config"], str(cv_run["workdir"]))
   assert all(detail["resumed"] for detail in results["folds"])
+  for key in ("trained_rows", "class_weights", "rows_per_epoch", "best_epoch"):  # Reused, not recomputed.
+    assert [d[key] for d in results["folds"]] == [d[key] for d in cv_run["results"]["folds"]], key
   np.testing.assert_allclose(pd.read_csv(cv_run["workdir"] / "oof.csv")["prediction"],
                              cv_run["oof"]["prediction"], rtol=1e-6)
   for change in ({"dropout_rate": 0.2}, {"hidden_sizes": (64, 8)}):  # The second changes the tree.

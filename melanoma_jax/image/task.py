@@ -50,14 +50,14 @@ def _checkpointer(run, workdir):
                                      max_to_keep=run.checkpoints_to_keep)
 
 
-def infer(p_predict, state, pipeline, dataset, files, expected, what):
+def infer(p_predict, state, pipeline, dataset, record_files, expected, what):
   """(image_names, targets, probabilities) of every example of `dataset` exactly once."""
-  out = predict_lib.run(p_predict, state, pipeline.device_batches(dataset, files), what)
+  out = predict_lib.run(p_predict, state, pipeline.device_batches(dataset, record_files), what)
   names = out.get("names", [])
-  pipeline_lib.count_check(len(names), expected, what, files[0] if files else "",
+  pipeline_lib.count_check(len(names), expected, what, record_files[0] if record_files else "",
                            skip_corrupt=pipeline.skip_corrupt)
   if len(set(names)) != len(names):
-    raise InputError(f"{files[0]}: {what} records hold duplicate image names")
+    raise InputError(f"{record_files[0]}: {what} records hold duplicate image names")
   return names, out.get("targets", np.zeros(0)), out["outputs"]
 
 

@@ -147,22 +147,28 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, workdir):
     latest = checkpointer.latest_step()
     saved = checkpointer.read_meta(latest) if latest is not None else None
     train_rows = len(x)
-    if config.smote:
-      x, y = balance.smote_resample(x, y, run.seed + fold, int(config.smote_k_neighbors))
-    weights = (tuple(config.class_weights) if config.class_weights is not None else losses.class_weights(y))
-    plan = trainer.plan(fold, len(x))
-    resumed = saved is not None and loop.is_finished(saved, plan)
-    if not resumed:
+    # A finished fold is reused as saved: its metadata holds the rows it trained on and its class weights,
+    # so the SMOTE that produced them need not run again.
+    resumed = saved is not None and loop.is_finished(saved, trainer.plan(fold, saved["trained_rows"]))
+    if resumed:
+      trained_rows, weights = saved["trained_rows"], tuple(saved["class_weights"])
+    else:
+      if config.smote:
+        x, y = balance.smote_resample(x, y, run.seed + fold, int(config.smote_k_neighbors))
+      trained_rows = len(x)
+      weights = (tuple(config.class_weights) if config.class_weights is not None else losses.class_weights(y))
       logging.info("fold %d: %d training rows (%d malignant) -> %d trained on (SMOTE %s), "
                    "%d validation rows, %d features", fold, train_rows, int(train_df["target"].sum()),
-                   len(x), "on" if config.smote else "off", len(x_val), len(preprocessor.columns))
+                   trained_rows, "on" if config.smote else "off", len(x_val), len(preprocessor.columns))
     fitted = loop.fit(
-        initial, plan, checkpointer, summaries, train_step=lambda epoch: trainer.p_train(weights),
+        initial, trainer.plan(fold, trained_rows), checkpointer, summaries,
+        train_step=lambda epoch: trainer.p_train(weights),
         batches=lambda epoch: epoch_batches(x, y, run.global_batch,
                                             np.random.default_rng([run.seed, fold, epoch])),
         evaluate=lambda state: {"val_auc": metrics.roc_auc(
             y_val, trainer.logits(state, x_val, f"fold {fold} validation rows"))},
-        meta={"preprocessor": preprocessor.to_dict()})
+        meta={"preprocessor": preprocessor.to_dict(), "trained_rows": trained_rows,
+              "class_weights": [float(w) for w in weights]})
     state, meta = checkpointer.restore_best(initial)
   finally:
     summaries.close()
@@ -170,7 +176,7 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, workdir):
   details = {"fold": fold, "best_epoch": meta["best_epoch"], "epochs_run": fitted.meta["epoch"],
              "val_auc": meta["best"], "class_weights": [float(w) for w in weights],
              "rows_per_epoch": fitted.meta["history"][0]["train_rows"], "train_rows": train_rows,
-             "trained_rows": len(x), "validation_rows": len(x_val), "fit_seconds": fitted.meta["train_seconds"],
+             "trained_rows": trained_rows, "validation_rows": len(x_val), "fit_seconds": fitted.meta["train_seconds"],
              "stopped_early": fitted.meta["stopped_early"], "resumed": resumed,
              "preprocessor": preprocessor.to_dict()}
   if len({h["train_rows"] for h in fitted.meta["history"]}) != 1:
