@@ -69,6 +69,8 @@ class MelanomaClassifier(nn.Module):
     features = backbone(x, train=train and train_backbone)
     if not train_backbone:
       features = jax.lax.stop_gradient(features)
+    # The pooled backbone features, e.g. for the ensemble's patient context (`mutable=["intermediates"]`).
+    self.sow("intermediates", "embedding", features)
     return Head(tuple(self.head_sizes), self.dropout_rate, self.dtype, name="head")(features, train)
 
 

@@ -201,6 +201,18 @@ def _divided_by_one(x):
 materialise.defvjp(lambda x: (_divided_by_one(x), None), lambda _, g: (g,))
 
 
+def feature_map_hooks(module: nn.Module, x):
+  """The last convolutional feature map, open to Flax's own inspection (both no-ops in training):
+
+  `sow`s it as intermediates/feature_map (with `mutable=["intermediates"]`) and adds the zero perturbation
+  perturbations/feature_map (present when the variables carry that collection), whose gradient is the
+  gradient with respect to the map: what Grad-CAM weighs the map's channels by.
+  """
+  x = module.perturb("feature_map", x)
+  module.sow("intermediates", "feature_map", x)
+  return x
+
+
 def check_input_shape(shape: Sequence[int]) -> None:
   """Raises InputError unless `shape` is NHWC with 3 channels and H, W >= MIN_IMAGE_SIZE."""
   shape = tuple(shape)
@@ -246,6 +258,7 @@ class InceptionResNetV2(nn.Module):
       x = block(spec, scale=scale, relu=relu, name=name, **common)(x, train)
     name, conv = TOP_CONV
     x = ConvBN(conv, name=name, **common)(x, train)
+    x = feature_map_hooks(self, x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes is None:
       return x

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from melanoma_jax.models.conv import SpatialConv
+from melanoma_jax.models.inception_resnet_v2 import feature_map_hooks
 from melanoma_jax.models.kernels import Kernels
 
 
@@ -27,6 +28,7 @@ class _TinyBackbone(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name if train else None,
                        momentum=0.99, epsilon=1e-3, dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
+    x = feature_map_hooks(self, x)
     return x.mean(axis=(1, 2))
 
 
@@ -49,5 +51,6 @@ class TinyClassifier(nn.Module):
     x = _TinyBackbone(self.dtype, self.bn_axis_name, self.kernels, name="backbone")(x, train and train_backbone)
     if not train_backbone:
       x = jax.lax.stop_gradient(x)
+    self.sow("intermediates", "embedding", x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(1, dtype=self.dtype, name="head")(x)[..., 0].astype(jnp.float32)

@@ -18,12 +18,13 @@ def run(p_predict, state, batches, what="predictions"):
   """Outputs of `p_predict` for the unmasked rows of `batches`, in order.
 
   `batches` yields (sharded batch with 'mask' and optionally 'y', names or None). Returns a dict with
-  'outputs' (float64 [rows]), 'targets' (float [rows], when the batches carry 'y') and 'names' (list, when
+  'outputs' (float64 [rows, ...], the step's trailing dimensions kept), 'targets' (float [rows], when the batches carry 'y') and 'names' (list, when
   they carry names). Non-finite outputs raise NonFiniteLossError naming `what`.
   """
   outputs, targets, names = [], [], []
   for batch, batch_names in batches:
-    out = np.asarray(p_predict(state, batch)).reshape(-1)
+    out = np.asarray(p_predict(state, batch))
+    out = out.reshape((-1,) + out.shape[2:])  # [devices, per_device, ...] -> [rows, ...]
     keep = np.asarray(batch["mask"]).reshape(-1) > 0
     outputs.append(out[keep])
     if "y" in batch:

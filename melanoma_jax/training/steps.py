@@ -78,22 +78,31 @@ def make_train_step(model, class_weights, label_smoothing=0.0, frozen_backbone=F
   return train_step
 
 
-def make_predict_step(model, tta=False, logits=False):
+def make_predict_step(model, tta=False, logits=False, embeddings=False):
   """predict_step(state, batch) -> float32 [per_device] of one device's shard, inference mode.
 
   Probabilities (the mean over the image and its two flips when `tta`), or raw logits (`logits`, no TTA).
+  `embeddings`: [per_device, 1 + F] instead, the probability then the model's pooled backbone features
+  (its sown intermediates/embedding), both averaged over the TTA views.
   """
   if logits and tta:
     raise ValueError("logits are not averaged over TTA views")
 
+  def apply(variables, x):
+    if not embeddings:
+      return model.apply(variables, x, train=False).astype(jnp.float32), None
+    out, inter = model.apply(variables, x, train=False, mutable=["intermediates"])
+    return out.astype(jnp.float32), inter["intermediates"]["embedding"][0].astype(jnp.float32)
+
   def predict_step(state, batch):
     x = batch["x"]
     variables = model_variables(state)
-    if logits:
-      return model.apply(variables, x, train=False).astype(jnp.float32)
     views = [x, x[:, :, ::-1], x[:, ::-1]] if tta else [x]
-    probs = [jax.nn.sigmoid(model.apply(variables, v, train=False).astype(jnp.float32)) for v in views]
-    return sum(probs) / len(probs)
+    outs = [apply(variables, v) for v in views]
+    first = sum((o if logits else jax.nn.sigmoid(o)) for o, _ in outs) / len(outs)
+    if not embeddings:
+      return first
+    return jnp.concatenate([first[:, None], sum(e for _, e in outs) / len(outs)], axis=1)
 
   return predict_step
 
