@@ -8,6 +8,7 @@ WORKDIR/tensorboard/fold_K and stops with exit 3 on a non-finite loss. It writes
   submission.csv  image_name,target  (mean of the fold models' probabilities, every test.csv row)
   results.json    oof_auc, fold_aucs, patient_context, wall_seconds, per-fold details, config, versions
   roc.png         the out-of-fold ROC curve
+  report.html/.json  the clinical report of the out-of-fold predictions (training/clinical.py)
 An empty `config.data_dir` means the real ISIC 2020 CSVs embedded in the package.
 """
 import dataclasses
@@ -25,6 +26,7 @@ from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import metadata
 from melanoma_jax.tabular import balance, features
 from melanoma_jax.training import checkpoint as checkpoint_lib
+from melanoma_jax.training import clinical
 from melanoma_jax.training import identity
 from melanoma_jax.training import loop, losses, metrics, predict as predict_lib, reporting, steps
 from melanoma_jax.training import state as state_lib
@@ -223,18 +225,22 @@ def train(config, workdir, start_time=None):
                  details["best_epoch"], details["epochs_run"])
   targets = train_df["target"].to_numpy()
   oof_auc = metrics.roc_auc(targets, oof)
-  files.write_csv(pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
-                                "target": targets, "prediction": oof, "fold": fold_ids}),
-                  os.path.join(workdir, "oof.csv"))
+  oof_table = pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
+                            "target": targets, "prediction": oof, "fold": fold_ids})
+  files.write_csv(oof_table, os.path.join(workdir, "oof.csv"))
   files.write_csv(pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}),
                   os.path.join(workdir, "submission.csv"))
   context = "with" if config.patient_context else "without"
   with files.atomic_path(os.path.join(workdir, "roc.png")) as tmp:
     plots.save_roc(targets, oof, tmp, f"Tabular MLP, out-of-fold ({context} patient context)")
+  report = clinical.write_report(workdir, clinical.with_context(oof_table, train_df), {"tabular": "prediction"},
+                                 f"Tabular MLP, out-of-fold ({context} patient context"
+                                 f"{', Platt-calibrated' if config.calibrate else ''})")
   results = {"task": "tabular", "oof_auc": oof_auc, "fold_aucs": fold_aucs,
              "patient_context": bool(config.patient_context), "smote": bool(config.smote),
              "num_features": len(feature_columns), "feature_columns": feature_columns, "folds": fold_details,
              "train_rows": len(train_df), "test_rows": len(test_df), "unknown_test_categories": unknown,
+             "report": os.path.join(workdir, "report.html"), "clinical": clinical.summary(report),
              "wall_seconds": time.time() - start}
   write_results(workdir, results, config)
   logging.info("out-of-fold AUC %.4f (folds %s), %.0f s, %s patient context", oof_auc,
