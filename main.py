@@ -5,15 +5,20 @@
   python main.py --config=configs/tabular.py --workdir=W                      # tabular model, 5-fold CV
   python main.py --config=configs/demo.py --workdir=W --mode=data             # leakage check, folds, data only
 Any config field can be overridden: --config.image_size=128 --config.synthetic.num_patients=100.
+Several processes (machines), one run: the same command in each, plus
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I    (or --distributed where JAX detects them)
 """
 import os
 import sys
 import time
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before anything imports TensorFlow.
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from melanoma_jax.utils import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -23,6 +28,12 @@ flags.DEFINE_enum("mode", "train", ["train", "predict", "data"],
                   "data: only the data steps (leakage check, folds, synthetic generation).")
 flags.DEFINE_string("jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "melanoma_jax", "xla"),
                     "Persistent XLA compilation cache ('' to disable): re-runs skip recompiling.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process run: HOST:PORT of process 0's coordinator "
+                    "(with --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Multi-process run: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index in [0, num_processes).")
+flags.DEFINE_bool("distributed", False, "Multi-process run set up by the environment JAX detects (TPU pods, "
+                  "SLURM, Open MPI): jax.distributed.initialize() with no arguments.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,8 +67,10 @@ def _task(name):
     from melanoma_jax.image import task  # pylint: disable=g-import-not-at-top
   elif name == "tabular":
     from melanoma_jax.tabular import task  # pylint: disable=g-import-not-at-top
+  elif name == "ensemble":
+    from melanoma_jax.ensemble import task  # pylint: disable=g-import-not-at-top
   else:
-    raise InputError(f"config.task={name!r} must be 'image' or 'tabular'")
+    raise InputError(f"config.task={name!r} must be 'image', 'tabular' or 'ensemble'")
   return task
 
 
@@ -78,15 +91,21 @@ def run_data_steps(task, config, workdir):
 def main(argv):
   del argv
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import distributed  # pylint: disable=g-import-not-at-top
   start = time.time()
   config, workdir = FLAGS.config, FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   _quiet_libraries()
   from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  multi = False
   try:
+    multi = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                   auto=FLAGS.distributed)
+    distributed.prefix_log_lines(logging.get_absl_handler())
     with workdir_lib.lock(workdir):
       _setup_jax(FLAGS.jax_cache_dir)
       task = _task(config.task)
+      _refuse_single_process_tasks(config.task)
       if FLAGS.mode == "data":
         run_data_steps(task, config, workdir)
       elif FLAGS.mode == "predict":
@@ -94,25 +113,42 @@ def main(argv):
       else:
         task.train(config, workdir, start_time=start)
   except RunError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    print(f"{_error_prefix(multi)}error: {e}", file=sys.stderr)
+    _exit(e.exit_code, multi)
+  except BaseException as e:  # pylint: disable=broad-except
+    if not multi:
+      raise
+    traceback.print_exc()
+    print(f"{_error_prefix(multi)}error: {type(e).__name__}: {e}", file=sys.stderr)
+    _exit(1, multi)
   print(f"done in {time.time() - start:.0f} s; outputs in {os.path.abspath(workdir)}")
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with a bad flag or config override (e.g. an unknown field) as one error line."""
-  try:
-    return FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks.
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    field = str(e.args[0] if e.args else e).strip("\"'")
-    named = [o for o in overrides if o.split(".")[-1] == field]
-    print(f"error: {named[0] if named else field}: no such config field", file=sys.stderr)
-  except (flags.Error, TypeError, ValueError) as e:
-    message = str(e).strip().splitlines()
-    print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
-  sys.exit(1)
+def _refuse_single_process_tasks(name):
+  from melanoma_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if name == "tabular" and distributed.process_count() > 1:
+    raise InputError("config.task='tabular' runs in one process; drop --coordinator_address, "
+                     "--num_processes, --process_id and --distributed")
+
+
+def _error_prefix(multi):
+  from melanoma_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.label() + " " if multi else ""
+
+
+def _exit(code, multi):
+  """Exits with `code`; a process of a multi-process run leaves at once.
+
+  A plain exit would first wait in JAX's shutdown barrier for peers that may be blocked in a collective
+  with this process; leaving at once breaks their connections, so they fail (and exit) promptly too.
+  """
+  if not multi:
+    sys.exit(code)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

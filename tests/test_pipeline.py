@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from melanoma_jax.data import augment as augment_lib
 from melanoma_jax.data import metadata, pipeline, records
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
@@ -29,10 +30,10 @@ def _options(**overrides):
 
 
 class _Aug:
-  """Mutable augmentation ranges (pipeline.augment reads them as attributes, like pipeline.Augment)."""
+  """Mutable augmentation ranges (augment_lib.augment reads them as attributes, like augment_lib.Augment)."""
 
   def __init__(self, **changes):
-    self.__dict__.update(dataclasses.asdict(pipeline.Augment()), **changes)
+    self.__dict__.update(dataclasses.asdict(augment_lib.Augment()), **changes)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def _epoch(pipe, epoch, seed=0):
 
 
 def test_training_stream_oversamples_and_replays_exactly(dataset):
-  config = _options(oversample_share=0.5, augment=pipeline.Augment())
+  config = _options(oversample_share=0.5, augment=augment_lib.Augment())
   pipe = _pipeline(dataset, config)
   first = _epoch(pipe, 0)
   assert len(first) == pipe.steps_per_epoch == 40 // 16
@@ -110,14 +111,14 @@ def test_training_stream_oversamples_and_replays_exactly(dataset):
 def test_augmentation_is_seeded_and_in_range():
   aug = _Aug()
   image = tf().constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32))
-  a = pipeline.augment(image, tf().constant([1, 2], tf().int64), aug).numpy()
-  b = pipeline.augment(image, tf().constant([1, 2], tf().int64), aug).numpy()
-  c = pipeline.augment(image, tf().constant([1, 3], tf().int64), aug).numpy()
+  a = augment_lib.augment(image, tf().constant([1, 2], tf().int64), aug).numpy()
+  b = augment_lib.augment(image, tf().constant([1, 2], tf().int64), aug).numpy()
+  c = augment_lib.augment(image, tf().constant([1, 3], tf().int64), aug).numpy()
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c) and a.shape == (SIZE, SIZE, 3)
   # Brightness shifts of up to +-255 push the unclipped result past [0, 255]; the output is clipped to it
   # (saturated pixels, not a rescaled image).
-  shifted = [pipeline.augment(image, tf().constant([k, 2], tf().int64), _Aug(brightness=1.0)).numpy()
+  shifted = [augment_lib.augment(image, tf().constant([k, 2], tf().int64), _Aug(brightness=1.0)).numpy()
              for k in range(8)]
   assert all(out.min() >= 0.0 and out.max() <= 255.0 for out in shifted)
   assert max(np.mean((out == 0.0) | (out == 255.0)) for out in shifted) > 0.1
@@ -128,14 +129,14 @@ def test_identity_affine_keeps_the_image():
   aug.flip, aug.brightness, aug.contrast, aug.saturation = False, 0.0, 0.0, 0.0
   aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 0.0, 0.0, 0.0, 0.0
   image = tf().constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE, 3)).astype(np.float32))
-  np.testing.assert_allclose(pipeline.augment(image, tf().constant([0, 0], tf().int64), aug), image, atol=1e-3)
+  np.testing.assert_allclose(augment_lib.augment(image, tf().constant([0, 0], tf().int64), aug), image, atol=1e-3)
   # A 90-degree rotation alone is an exact pixel permutation: output (x, y) samples input (y, S-1-x).
   quarter_turn = tf().constant([0.0, 1.0, 0.0, -1.0, 0.0, SIZE - 1.0, 0.0, 0.0])
-  np.testing.assert_array_equal(pipeline.projective_warp(image, quarter_turn).numpy(),
+  np.testing.assert_array_equal(augment_lib.projective_warp(image, quarter_turn).numpy(),
                                 np.rot90(image.numpy(), k=-1))
   # Rotation alone (any drawn angle) gives a rigid map: an orthonormal linear part, no perspective.
   aug.rotation_deg = 90.0
-  matrix = pipeline._affine_matrix(tf().constant([0, 0], tf().int64), float(SIZE), aug).numpy()
+  matrix = augment_lib._affine_matrix(tf().constant([0, 0], tf().int64), float(SIZE), aug).numpy()
   linear = matrix[[0, 1, 3, 4]].reshape(2, 2)
   np.testing.assert_allclose(linear @ linear.T, np.eye(2), atol=1e-5)
   np.testing.assert_allclose(matrix[6:], 0.0, atol=1e-7)
@@ -149,14 +150,14 @@ def test_compiled_warp_equals_tensorflows_projective_transform():
   aug.rotation_deg, aug.shear_deg, aug.zoom, aug.shift = 180.0, 30.0, 0.5, 0.5  # Much sampled off-image.
   image = tf_.constant(np.random.default_rng(0).uniform(0, 255, (SIZE, SIZE + 7, 3)).astype(np.float32))
   for k in range(6):
-    transform = pipeline._affine_matrix(tf_.constant([k, 5], tf_.int64), float(SIZE), aug,
+    transform = augment_lib._affine_matrix(tf_.constant([k, 5], tf_.int64), float(SIZE), aug,
                                         tf_.constant(k % 2 == 0), tf_.constant(k % 3 == 0))
     if k == 5:  # A projective (non-affine) transform too.
       transform = transform + tf_.constant([0, 0, 0, 0, 0, 0, 1e-3, -2e-3])
     expected = tf_.raw_ops.ImageProjectiveTransformV3(
         images=image[None], transforms=transform[None], output_shape=tf_.shape(image)[:2], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="REFLECT")[0].numpy()
-    ours = tf_.function(pipeline.projective_warp, jit_compile=True)(image, transform).numpy()
+    ours = tf_.function(augment_lib.projective_warp, jit_compile=True)(image, transform).numpy()
     np.testing.assert_allclose(ours, expected, atol=0.02)
 
 
@@ -175,7 +176,7 @@ def test_fused_colour_jitter_equals_the_operations_in_turn():
     grey = tf_.reduce_mean(x, axis=-1, keepdims=True)
     x = (x - grey) * tf_.random.stateless_uniform([], seeds[5], 0.7, 1.3) + grey
     expected = tf_.clip_by_value(x, 0.0, 255.0).numpy()
-    np.testing.assert_allclose(pipeline.augment(image, seed, aug).numpy(), expected, atol=1e-3)
+    np.testing.assert_allclose(augment_lib.augment(image, seed, aug).numpy(), expected, atol=1e-3)
 
 
 def test_flips_folded_into_the_affine_are_exact_and_all_occur():
@@ -186,7 +187,7 @@ def test_flips_folded_into_the_affine_are_exact_and_all_occur():
   views = {"none": image, "left-right": image[:, ::-1], "up-down": image[::-1], "both": image[::-1, ::-1]}
   seen = set()
   for k in range(16):
-    out = pipeline.augment(tf().constant(image), tf().constant([k, 1], tf().int64), aug).numpy()
+    out = augment_lib.augment(tf().constant(image), tf().constant([k, 1], tf().int64), aug).numpy()
     matches = [name for name, view in views.items() if np.abs(out - view).max() < 1e-3]
     assert len(matches) == 1, k
     seen.add(matches[0])

@@ -8,17 +8,21 @@ from absl import logging
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import pipeline as pipeline_lib
 from melanoma_jax.data import sources
+from melanoma_jax.training import distributed
 
 
 def resolve_data(run, workdir):
-  """The run's ImageData: `run.data_dir`, or (when it is "") a synthetic set generated into WORKDIR/data."""
+  """The run's ImageData: `run.data_dir`, or (when it is "") a synthetic set generated into WORKDIR/data
+  (by process 0 of a multi-process run; the others wait for it)."""
   data_dir = run.data_dir
   if not data_dir:
     from melanoma_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     data_dir = os.path.join(workdir, "data")
-    summary = synthetic.generate_dataset(data_dir, **run.synthetic_kwargs)
-    logging.info("synthetic data in %s: %s", data_dir,
-                 {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    if distributed.is_primary():
+      summary = synthetic.generate_dataset(data_dir, **run.synthetic_kwargs)
+      logging.info("synthetic data in %s: %s", data_dir,
+                   {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    distributed.barrier("synthetic data")
   data = sources.resolve(data_dir)
   logging.info("%s", data.leakage_report)
   logging.info("records: %d train and %d test file(s), %s layout", len(data.train_files),

@@ -23,8 +23,10 @@ class ImageRun:
   """What one image run is, in plain values."""
   data_dir: str  # "" = the synthetic set, generated into WORKDIR/data.
   image_size: int
-  num_devices: int
-  global_batch: int
+  num_devices: int  # Of all processes.
+  global_batch: int  # Rows per step over all processes; each process feeds global_batch / process_count.
+  process_index: int
+  process_count: int
   num_epochs: int
   freeze_backbone_epochs: int
   num_folds: int
@@ -50,13 +52,19 @@ def _check(condition, message):
     raise InputError(message)
 
 
-def resolve(config, num_devices=None) -> ImageRun:
-  """Checks `config` and resolves it; refuses configs that cannot work, before any data is read."""
-  num_devices = num_devices or jax.local_device_count()
+def resolve(config, num_devices=None, processes=None) -> ImageRun:
+  """Checks `config` and resolves it; refuses configs that cannot work, before any data is read.
+
+  `num_devices` (default `jax.device_count()`) counts the devices of all processes; `processes` is
+  (this process's index, process count), default JAX's.
+  """
+  num_devices = num_devices or jax.device_count()
+  process_index, process_count = processes or (jax.process_index(), jax.process_count())
   _check(int(config.image_size) >= models.MIN_IMAGE_SIZE,
          f"config.image_size={config.image_size}: InceptionResNetV2 needs at least "
          f"{models.MIN_IMAGE_SIZE}x{models.MIN_IMAGE_SIZE} pixels")
-  global_batch = steps.global_batch_size(config.global_batch_size, config.per_device_batch_size, num_devices)
+  global_batch = steps.global_batch_size(config.global_batch_size, config.per_device_batch_size, num_devices,
+                                         process_count)
   _check(int(config.num_epochs) >= 1, f"config.num_epochs={config.num_epochs} must be >= 1")
   _check(0 <= int(config.fold) < int(config.num_folds),
          f"config.fold={config.fold} must be in [0, config.num_folds={config.num_folds})")
@@ -82,7 +90,8 @@ def resolve(config, num_devices=None) -> ImageRun:
     raise InputError(f"config.model.name={name!r} must be 'inception_resnet_v2' or 'tiny'")
   return ImageRun(
       data_dir=config.data_dir, image_size=int(config.image_size), num_devices=num_devices,
-      global_batch=global_batch, num_epochs=int(config.num_epochs),
+      global_batch=global_batch, process_index=process_index, process_count=process_count,
+      num_epochs=int(config.num_epochs),
       freeze_backbone_epochs=int(config.freeze_backbone_epochs), num_folds=int(config.num_folds),
       fold=int(config.fold), seed=int(config.seed), log_every_steps=int(config.log_every_steps),
       checkpoints_to_keep=int(config.checkpoints_to_keep), tta=bool(config.tta),
@@ -90,7 +99,8 @@ def resolve(config, num_devices=None) -> ImageRun:
       class_weights=None if config.class_weights is None else tuple(float(w) for w in config.class_weights),
       model_name=name, model_kwargs=model_kwargs,
       pipeline_kwargs={"image_size": int(config.image_size), "global_batch": global_batch,
-                       "num_devices": num_devices, "oversample_share": float(config.oversample_share or 0.0),
+                       "num_devices": num_devices // process_count, "process_index": process_index,
+                       "process_count": process_count, "oversample_share": float(config.oversample_share or 0.0),
                        "max_steps_per_epoch": int(config.max_steps_per_epoch),
                        "skip_corrupt": bool(config.skip_corrupt), "augment": augment},
       init_weights=config.model.init_weights, synthetic_kwargs=_synthetic_kwargs(config))

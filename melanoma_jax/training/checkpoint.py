@@ -4,6 +4,11 @@ Layout: DIR/<step>/{state,meta}. Every save records the monitored metric with th
 the newest `max_to_keep` steps plus the one with the best metric (`AnyPreservationPolicy`). Because "best"
 is chosen from the saved steps' own metrics, the latest and the best can never disagree: a run killed at
 any moment holds only complete steps (orbax finalises a step atomically) and the best among them.
+
+Several processes: every process makes the same calls (orbax synchronises them; process 0 writes the
+host copy of the state, which every process holds whole, on a filesystem all of them share). A state is
+restored whole into every process's first local device, so a checkpoint written by any number of
+processes and devices restores in a run with any other number.
 """
 import os
 
@@ -15,8 +20,15 @@ _NO_METRIC = float("-inf")
 
 
 def abstract_of(state):
-  """The shape/dtype skeleton of a state, for restoring into the same structure."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  """The shape/dtype skeleton of a state, placed whole on this process's first device: restoring into it
+  never depends on the devices the checkpoint was written from."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def placed(leaf):
+    leaf = ocp.utils.to_shape_dtype_struct(leaf)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device) if hasattr(leaf, "shape") else leaf
+
+  return jax.tree.map(placed, state)
 
 
 def _rank(metrics, monitor):

@@ -3,7 +3,8 @@
 WORKDIR/run.json holds every config field that changes what the checkpoints mean (task, model, image size,
 folds and fold, seed, optimizer, batch, data source, ...) plus a hash of the data's CSVs. A later train or
 predict on the same workdir compares its config with that record alone, before restoring anything, and
-refuses a mismatch with one line naming the fields that differ. Fields that may change between runs of the
+refuses a mismatch with one line naming the fields that differ. In a multi-process run every process
+checks an existing record, process 0 alone writes a new one, and the others check it after a barrier. Fields that may change between runs of the
 same model (`MAY_CHANGE`: more epochs, logging, prediction-time settings) are left out of the record.
 """
 import hashlib
@@ -12,6 +13,7 @@ import os
 
 from absl import logging
 
+from melanoma_jax.training import distributed
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
@@ -55,8 +57,17 @@ def of(config, data_digest):
 
 def check_or_record(workdir, identity, record=True):
   """Raises InputError unless `identity` matches WORKDIR's record; records it where there is none (and
-  `record`: prediction only checks)."""
+  `record`: prediction only checks). Every process of a run must call it."""
   path = os.path.join(workdir, RECORD)
+  existed = os.path.exists(path)
+  # Every process sees the same record, so a refusal happens in all of them before the barrier.
+  _check_or_record(workdir, path, identity, record=record and distributed.is_primary())
+  distributed.barrier("run.json")
+  if not existed and not distributed.is_primary():
+    _check_or_record(workdir, path, identity, record=False)  # Process 0's new record.
+
+
+def _check_or_record(workdir, path, identity, record):
   if not os.path.exists(path):
     if not record:
       return

@@ -55,16 +55,23 @@ class Progress:
 
 
 class Summaries:
-  """TensorBoard scalars under WORKDIR/tensorboard (written with TensorFlow's summary writer on the host)."""
+  """TensorBoard scalars under WORKDIR/tensorboard (written with TensorFlow's summary writer on the host).
+
+  In a multi-process run only process 0 writes (every process computes the same global figures).
+  """
 
   def __init__(self, logdir):
-    self._writer = tf().summary.create_file_writer(logdir)
+    import jax  # pylint: disable=g-import-not-at-top
+    self._writer = tf().summary.create_file_writer(logdir) if jax.process_index() == 0 else None
 
   def scalars(self, step, values):
+    if self._writer is None:
+      return
     with self._writer.as_default():
       for name, value in values.items():
         tf().summary.scalar(name, float(value), step=int(step))
     self._writer.flush()
 
   def close(self):
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()

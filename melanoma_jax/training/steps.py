@@ -20,8 +20,12 @@ from melanoma_jax.utils.errors import InputError
 AXIS = "batch"
 
 
-def global_batch_size(requested, per_device, num_devices):
-  """`requested` if set (it must divide over the devices), else `per_device` x `num_devices`."""
+def global_batch_size(requested, per_device, num_devices, num_processes=1):
+  """`requested` if set (it must divide over the devices), else `per_device` x `num_devices`.
+
+  `num_devices` counts the devices of all `num_processes` processes (`jax.device_count()`); each process
+  feeds global batch / `num_processes` rows per step.
+  """
   requested, per_device = int(requested or 0), int(per_device)
   if requested < 0:
     raise InputError(f"config.global_batch_size={requested} must be >= 0 (0: per_device_batch_size x devices)")
@@ -29,8 +33,8 @@ def global_batch_size(requested, per_device, num_devices):
     raise InputError(f"config.per_device_batch_size={per_device} must be >= 1")
   if requested:
     if requested % num_devices:
-      raise InputError(f"config.global_batch_size={requested} is not divisible by the {num_devices} "
-                       "local devices")
+      where = "local devices" if num_processes == 1 else f"devices of {num_processes} processes"
+      raise InputError(f"config.global_batch_size={requested} is not divisible by the {num_devices} {where}")
     return requested
   return per_device * num_devices
 

@@ -3,6 +3,10 @@
 The lock is `fcntl.flock` on WORKDIR/.lock, which the kernel releases when the holding process ends, however
 it ends, so a lock left by a killed run never blocks the next one. The file names the holder (pid, host,
 start time) for the refusal message.
+
+In a multi-process run, process 0 holds WORKDIR/.lock (so a single-process run on the same workdir is
+refused) and process i > 0 holds WORKDIR/.lock.<i>; the processes then agree, so a run of which any process
+was refused is refused in every process (each exits with the error, none waits for the others).
 """
 import contextlib
 import datetime
@@ -10,6 +14,7 @@ import fcntl
 import os
 import socket
 
+from melanoma_jax.training import distributed
 from melanoma_jax.utils.errors import InputError
 
 LOCK_FILE = ".lock"
@@ -19,15 +24,19 @@ LOCK_FILE = ".lock"
 def lock(workdir):
   """Holds WORKDIR's lock; raises InputError at once, naming the holder, if another process has it."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_FILE)
+  index = distributed.process_index()
+  path = os.path.join(workdir, LOCK_FILE if index == 0 else f"{LOCK_FILE}.{index}")
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      holder = None
     except BlockingIOError:
       holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+    if not distributed.all_true(holder is None):  # Every process's verdict; single-process: its own.
+      holder = holder or "another run (seen by another process of this run)"
       raise InputError(f"{os.path.abspath(workdir)} is in use by {holder}; wait for that run to end or use "
-                       "another --workdir") from None
+                       "another --workdir")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (started {started})\n".encode(), 0)

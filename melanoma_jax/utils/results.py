@@ -41,14 +41,20 @@ def _jsonable(value):
 
 
 def write_results(workdir, metrics, config=None, name="results.json"):
-  """Writes WORKDIR/`name` (metrics, config, versions) atomically and returns its path."""
+  """Writes WORKDIR/`name` (metrics, config, versions) atomically and returns its path.
+
+  In a multi-process run only process 0 writes (the others return the path it writes).
+  """
+  path = os.path.join(workdir, name)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return path
   os.makedirs(workdir, exist_ok=True)
   payload = dict(_jsonable(metrics))
   if config is not None:
     payload["config"] = _jsonable(config.to_dict() if hasattr(config, "to_dict") else config)
   payload["versions"] = package_versions()
   payload["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-  path = os.path.join(workdir, name)
   with files.atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
   return path

@@ -1,0 +1,20 @@
+"""The commands' shared flag parsing: a bad flag or config override is one error line and exit status 1."""
+import sys
+
+from absl import flags
+
+
+def parse_flags(argv):
+  """absl's parsing of `argv` into the global FLAGS; on a bad, missing or unknown flag (or an override of a
+  config field the config lacks) prints `error: ...` on one line and exits 1. For `app.run(flags_parser=)`."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks.
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    field = str(e.args[0] if e.args else e).strip("\"'")
+    named = [o for o in overrides if o.split(".")[-1] == field]
+    print(f"error: {named[0] if named else field}: no such config field", file=sys.stderr)
+  except (flags.Error, TypeError, ValueError) as e:
+    message = str(e).strip().splitlines()
+    print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+  sys.exit(1)
