@@ -1,0 +1,111 @@
+"""Images/s of serving: the predict command's in-process path and the exported SavedModel, against Keras 3.
+
+Three ways to get probabilities for a batch of encoded JPEGs from the same network (MelanomaClassifier:
+InceptionResNetV2 + the 512-256-64-16 head, random weights, inference mode, no TTA):
+* jax: what `python -m melanoma_jax.predict` runs per batch: each JPEG through `images.Reader` (the pipeline's
+  decode, resize and scaling), then `loading.Predictor.predict` (the run's pmapped predict step);
+* saved_model: the SavedModel `python -m melanoma_jax.export` writes (jax2tf, lowered for the CPU),
+  loaded with `tf.saved_model.load` and called on the JPEG bytes (decoding inside the graph);
+* keras: `keras.applications.InceptionResNetV2(include_top=False, weights=None, pooling='avg')` + the same
+  head (benchmarks/train_step.py's `keras_model`) on the TensorFlow backend, `model.predict` on the already
+  decoded and scaled images (so Keras is not charged for decoding; `decode_ms` says what that costs).
+All three run in this process; after each has run once (compilation, reported apart), they take turns
+(`--rounds` x `--steps` batches each), so they see the same machine load.
+
+  .venv/bin/python benchmarks/serve.py                          # 299x299, batch 16
+  .venv/bin/python benchmarks/serve.py --size 150 --rounds 2 --steps 1 --out r.json
+
+The last line printed is one JSON object (images/s; ratio = ours / Keras, > 1 means ours is faster).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ["KERAS_BACKEND"] = "tensorflow"  # Keras 3 reads it once, at import.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--size", type=int, default=299)
+  parser.add_argument("--global_batch", type=int, default=16)
+  parser.add_argument("--rounds", type=int, default=3, help="turns each side takes")
+  parser.add_argument("--steps", type=int, default=2, help="timed batches per side per round")
+  parser.add_argument("--out", default=None, help="also write the JSON line to this file")
+  return parser.parse_args(argv)
+
+
+def jpeg_batch(global_batch, size):
+  """`global_batch` JPEGs (quality 90) of random pixels, size x size."""
+  from melanoma_jax.data.synthetic import encode_jpeg  # pylint: disable=g-import-not-at-top
+  pixels = ((common.random_images(global_batch, size) + 1.0) * 127.5).astype(common.np.uint8)
+  return [encode_jpeg(p) for p in pixels]
+
+
+def contenders(args, jpegs, workdir):
+  """{name: one batch -> probabilities}, each already run once; and the first calls' seconds."""
+  from melanoma_jax.inference import images, loading, tf_export  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  tf_ = tf()
+  model = build_model("inception_resnet_v2", bn_axis_name=steps.AXIS)
+  predictor = loading.Predictor(model=model, variables=common.filled_variables(model, args.size),
+                                image_size=args.size, tta=False, global_batch=args.global_batch)
+  reader = images.Reader(args.size)
+
+  def jax_path():
+    return predictor.predict(images.stack([reader.decode(b) for b in jpegs], args.size))
+
+  start = time.perf_counter()
+  tf_export.export(predictor, os.path.join(workdir, "saved_model"), {"benchmark": True}, platforms=("cpu",))
+  export_s = time.perf_counter() - start
+  serve = tf_.saved_model.load(os.path.join(workdir, "saved_model")).signatures["serving_default"]
+  batch = tf_.constant(jpegs)
+  saved_model_path = lambda: serve(image_bytes=batch)["probability"].numpy()
+
+  keras = train_step.keras_model(args.size, "float32")
+  decoded = images.stack([reader.decode(b) for b in jpegs], args.size)
+  keras_path = lambda: keras.predict(decoded, batch_size=args.global_batch, verbose=0)
+
+  sides = {"jax": jax_path, "saved_model": saved_model_path, "keras": keras_path}
+  first = {}
+  for name, fn in sides.items():
+    common.log(f"{name}: first batch (compiling) ...")
+    first[name], _ = common.timed(fn)
+    common.log(f"{name}: first batch {first[name]:.1f} s")
+  decode_s = statistics.median(common.timed(lambda: [reader.decode(b) for b in jpegs])[0] for _ in range(3))
+  return sides, first, export_s, decode_s
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  common.reexec_with_malloc_tunables(True)
+  jpegs = jpeg_batch(args.global_batch, args.size)
+  with tempfile.TemporaryDirectory(prefix="serve_bench_") as workdir:
+    sides, first, export_s, decode_s = contenders(args, jpegs, workdir)
+    times = {name: [] for name in sides}
+    for r in range(args.rounds):
+      for name, fn in sides.items():
+        times[name] += [common.timed(fn)[0] for _ in range(args.steps)]
+      common.log(f"round {r + 1}/{args.rounds}: " + ", ".join(
+          f"{n} {args.global_batch / statistics.median(t):.3f} img/s" for n, t in times.items()))
+  rate = {name: common.throughput(args.global_batch, t) for name, t in times.items()}
+  result = {"name": "serve", "size": args.size, "global_batch": args.global_batch, "rounds": args.rounds,
+            "steps": args.steps, "machine": common.machine(), "devices": common.jax.local_device_count(),
+            **{f"{n}_images_per_s": round(r, 4) for n, r in rate.items()},
+            "ratio_jax_vs_keras": round(rate["jax"] / rate["keras"], 3),
+            "ratio_saved_model_vs_keras": round(rate["saved_model"] / rate["keras"], 3),
+            "first_batch_s": {n: round(s, 1) for n, s in first.items()}, "export_s": round(export_s, 1),
+            "decode_ms": round(1000 * decode_s, 1)}
+  common.emit(result, args.out)
+
+
+if __name__ == "__main__":
+  main()

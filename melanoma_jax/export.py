@@ -1,0 +1,55 @@
+"""Export a trained run as a TensorFlow SavedModel for TensorFlow Serving (docs/inference.md).
+
+  python -m melanoma_jax.export --workdir=runs/demo --out=exported/demo
+
+Signature `serving_default`: `image_bytes` (a batch of encoded JPEG/PNG strings) -> `probability` (float32,
+one per image), decoding and preprocessing inside the graph as the run's evaluation does, with the run's best
+checkpoint and TTA setting. --out must be new, empty or an earlier export (which is replaced).
+"""
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before anything imports TensorFlow.
+
+from absl import app, flags, logging
+
+from melanoma_jax.utils import cli
+
+FLAGS = flags.FLAGS
+
+
+def run(workdir, out, platforms=("cpu", "cuda")):
+  from melanoma_jax.inference import loading, tf_export  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+  outputs.check_writable(os.path.abspath(out), tf_export.MARKER, "--out")  # Before the slow load.
+  predictor = loading.load_predictor(workdir)
+  return tf_export.export(predictor, out, {"workdir": os.path.abspath(workdir),
+                                           "model": predictor.description}, platforms)
+
+
+def main(argv):
+  del argv
+  from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    path = run(FLAGS.workdir, FLAGS.out, tuple(FLAGS.platforms))
+  except RunError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  print(f"exported {FLAGS.workdir} to {path} in {time.time() - start:.0f} s")
+
+
+def _define_flags():
+  """The command's flags, defined only when it runs as a command (the module stays importable beside
+  other commands)."""
+  flags.DEFINE_string("workdir", None, "A trained run's directory (main.py --workdir).")
+  flags.DEFINE_string("out", None, "SavedModel folder to write.")
+  flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel's XLA code is lowered for.")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,130 @@
+"""A run's model as a TensorFlow SavedModel: encoded image bytes in, malignancy probabilities out.
+
+The network is the Flax model itself, converted with `jax.experimental.jax2tf` (StableHLO inside a TF
+`XlaCallModule` op, batch dimension polymorphic), with the run's weights as TF variables and BatchNorm in
+inference mode; the preprocessing in front of it is the pipeline's own TF code (`images.preprocess`). So
+there is no second implementation of either in TensorFlow.
+
+Signature `serving_default`: `image_bytes` (string [batch], JPEG or PNG, any batch size, 0 included) ->
+`probability` (float32 [batch]); with the run's TTA setting, the mean over the image and its two flips.
+"""
+import contextlib
+import datetime
+import json
+import os
+import shutil
+from typing import Sequence
+
+import jax
+
+from melanoma_jax.inference import images
+from melanoma_jax.inference import loading
+from melanoma_jax.inference import outputs
+from melanoma_jax.training import steps
+from melanoma_jax.utils.errors import InputError
+from melanoma_jax.utils.tf_host import tf
+
+MARKER = "melanoma_jax_export.json"
+INPUT = "image_bytes"  # TF Serving's REST API base64-decodes {"b64": ...} values; "_bytes" is its convention.
+OUTPUT = "probability"
+PLATFORMS = ("cpu", "cuda")
+
+
+@contextlib.contextmanager
+def max_compatibility_stablehlo():
+  """Serialise StableHLO for the oldest consumers StableHLO still supports, while the block runs.
+
+  JAX serialises StableHLO for consumers at most about four weeks older than itself
+  (`StablehloCompatibilityRequirement.WEEK_4` in jax/_src/export/_export.py, `_module_to_bytecode`) and
+  offers no public setting. TensorFlow's `XlaCallModule` then fails on anything much older: TF 2.21 cannot
+  load a jax 0.12 SavedModel ("failed to deserialize portable artifact using StableHLO_v1.13.7"). With
+  `MAX` compatibility (StableHLO's oldest supported version) the same SavedModel loads in TF 2.21 and
+  matches JAX; it should load in any TF whose StableHLO is within StableHLO's compatibility window (about
+  a year back from the JAX release). Patches the `hlo` module `_export` reads, only inside the block.
+  """
+  from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+  hlo = _export.hlo
+
+  class _MaxCompatibilityHlo:
+
+    def __getattr__(self, name):
+      return getattr(hlo, name)
+
+    @staticmethod
+    def get_version_from_compatibility_requirement(_):
+      return hlo.get_version_from_compatibility_requirement(hlo.StablehloCompatibilityRequirement.MAX)
+
+  _export.hlo = _MaxCompatibilityHlo()
+  try:
+    yield
+  finally:
+    _export.hlo = hlo
+
+
+def serving_module(predictor, platforms: Sequence[str] = PLATFORMS):
+  """A tf.Module with the `serve` tf.function (see the module docstring) for `predictor`'s model.
+
+  The model runs with XLA's plain ops (`kernels="xla"`: the same values, and portable to any platform).
+  """
+  tf_ = tf()
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  model = predictor.model.clone(kernels="xla") if hasattr(predictor.model, "kernels") else predictor.model
+  step = steps.make_predict_step(model, tta=predictor.tta)
+  size = predictor.image_size
+
+  def probabilities(weights, x):
+    return step(loading.ModelWeights(weights["params"], weights.get("batch_stats", {})), {"x": x})
+
+  converted = jax2tf.convert(probabilities, polymorphic_shapes=[None, f"(b, {size}, {size}, 3)"],
+                             with_gradient=False, native_serialization_platforms=tuple(platforms))
+  module = tf_.Module()
+  weights = tf_.nest.map_structure(lambda a: tf_.Variable(a, trainable=False), predictor.variables)
+  module.weights = tf_.nest.flatten(weights)  # Tracked, so the SavedModel stores them.
+
+  @tf_.function(autograph=False, input_signature=[tf_.TensorSpec([None], tf_.string, name=INPUT)])
+  def serve(image_bytes):
+    x = tf_.map_fn(lambda b: images.preprocess(b, size), image_bytes,
+                   fn_output_signature=tf_.TensorSpec([size, size, 3], tf_.float32))
+    probs = tf_.cond(tf_.shape(image_bytes)[0] > 0, lambda: converted(weights, x),
+                     lambda: tf_.zeros([0], tf_.float32))
+    return {OUTPUT: tf_.ensure_shape(probs, [None])}
+
+  module.serve = serve
+  return module
+
+
+def export(predictor, out_dir, info, platforms: Sequence[str] = PLATFORMS):
+  """Writes the SavedModel of `predictor` to `out_dir` (replacing only an export of ours) and returns it.
+
+  Written to a temporary sibling first and renamed into place, so `out_dir` is whole or untouched.
+  `info`: JSON-able facts (source workdir, checkpoint) recorded in `out_dir`/MARKER with the versions.
+  """
+  tf_ = tf()
+  out_dir = os.path.abspath(out_dir)
+  outputs.check_writable(out_dir, MARKER, "--out")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    module = serving_module(predictor, platforms)
+    with max_compatibility_stablehlo():
+      concrete = module.serve.get_concrete_function()
+      tf_.saved_model.save(module, tmp, signatures={"serving_default": concrete})
+    record = dict(info, image_size=predictor.image_size, tta=predictor.tta, input=INPUT, output=OUTPUT,
+                  platforms=list(platforms), jax=jax.__version__, tensorflow=tf_.__version__,
+                  exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    with open(os.path.join(tmp, MARKER), "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+    old = None
+    if os.path.isdir(out_dir):  # Empty, or an earlier export of ours (checked above).
+      old = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.old")
+      os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  except (tf_.errors.OpError, ValueError, TypeError) as e:
+    raise InputError(f"--out={out_dir}: the SavedModel export failed: {str(e).splitlines()[0]}") from e
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir

@@ -1,0 +1,146 @@
+"""Predict a folder of images with a trained run, optionally with saliency maps.
+
+  python -m melanoma_jax.predict --workdir=runs/demo --images=photos/ --out=preds.csv
+  python -m melanoma_jax.predict --workdir=runs/demo --images=photos/ --out=preds.csv --saliency=maps/
+
+Loads the run's best checkpoint and the config the run recorded (no --config), reads every JPEG and PNG in
+--images (greyscale, RGBA and CMYK converted to RGB), preprocesses each as the run's own evaluation does and
+predicts with the run's TTA setting. --out gets one row per file: image (file name), probability, error.
+A file that cannot be read gets an empty probability and the reason (and a warning); the others are still
+predicted. Exit code 0 when at least one image was predicted, 1 otherwise (or on bad input).
+"""
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before anything imports TensorFlow.
+
+from absl import app, flags, logging
+
+from melanoma_jax.utils import cli
+
+FLAGS = flags.FLAGS
+
+SALIENCY_MARKER = ".melanoma_jax_saliency.json"
+_PROGRESS_EVERY_S = 10.0
+
+
+def _warn(message):
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def saliency_path(folder, name):
+  """`name`.png in `folder`: the file name kept whole, so a.jpg and a.png get different maps."""
+  return os.path.join(folder, f"{name}.png")
+
+
+def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn):
+  """Rows {image, probability, error} for `paths`, in order; saliency PNGs into `saliency_dir` if set.
+
+  Files are read and predicted a global batch at a time (the devices' fill), so memory stays bounded.
+  """
+  from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
+  reader = images_lib.Reader(predictor.image_size)
+  rows, done, start, last = [], 0, time.time(), time.time()
+  for begin in range(0, len(paths), predictor.global_batch):
+    chunk = paths[begin:begin + predictor.global_batch]
+    arrays, readable = [], []
+    for path in chunk:
+      name = os.path.basename(path)
+      array, error = reader.read(path)
+      if array is None:
+        _warn(f"{path}: {error}; skipped")
+        rows.append({"image": name, "probability": None, "error": error})
+      else:
+        arrays.append(array)
+        readable.append(len(rows))
+        rows.append({"image": name, "probability": None, "error": ""})
+    x = images_lib.stack(arrays, predictor.image_size)
+    probs = predictor.predict(x, metadata=metadata) if len(x) else []
+    for row_index, prob in zip(readable, probs):
+      rows[row_index]["probability"] = float(prob)
+    if saliency_dir and len(x):
+      _write_saliency(predictor, x, [rows[i] for i in readable], saliency_dir)
+    done += len(chunk)
+    if progress and time.time() - last > _PROGRESS_EVERY_S and done < len(paths):
+      rate = done / (time.time() - start)
+      progress_line = (f"{done}/{len(paths)} images, {rate:.1f} images/s, "
+                       f"ETA {time.strftime('%H:%M:%S', time.gmtime((len(paths) - done) / rate))}")
+      print(progress_line, file=sys.stderr, flush=True)
+      last = time.time()
+  return rows
+
+
+def _write_saliency(predictor, x, rows, folder):
+  from melanoma_jax.inference import saliency  # pylint: disable=g-import-not-at-top
+  cams = saliency.grad_cam(predictor.model, predictor.variables, x)
+  smooth = saliency.smoothgrad(predictor.model, predictor.variables, x)
+  for image, cam, sg, row in zip(x, cams, smooth, rows):
+    saliency.save_figure(saliency_path(folder, row["image"]), image, cam, sg,
+                         f"{row['image']}: probability {row['probability']:.3f}")
+
+
+def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
+  """The command: returns the rows written to `out` (raises RunError on bad input)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils import files  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(out):
+    raise InputError(f"--out={out}: is a folder; give a CSV file name")
+  paths = images_lib.list_images(images_dir)
+  if saliency_dir:
+    outputs.check_writable(saliency_dir, SALIENCY_MARKER, "--saliency")
+  predictor = loading.load_predictor(workdir, tta=tta)
+  if metadata:  # Only ensembles fuse metadata; refuse before reading any image.
+    predictor.predict(images_lib.stack([], predictor.image_size), metadata=metadata)
+  if saliency_dir:
+    outputs.claim(saliency_dir, SALIENCY_MARKER, "--saliency", {"workdir": os.path.abspath(workdir)})
+  logging.info("predicting %d file(s) of %s with %s", len(paths), images_dir, predictor.description)
+  rows = predict_folder(predictor, paths, saliency_dir, metadata=metadata or None)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  files.write_csv(pd.DataFrame(rows, columns=["image", "probability", "error"]), out)
+  return rows
+
+
+def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run"):
+  """The command line's work and messages; returns its exit code (0: at least one image predicted)."""
+  from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  try:
+    rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta])
+  except RunError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+  predicted = sum(r["probability"] is not None for r in rows)
+  print(f"predicted {predicted} of {len(rows)} image(s) in {time.time() - start:.0f} s; wrote {out}"
+        + (f" and saliency maps in {saliency_dir}" if saliency_dir else ""))
+  if not predicted:
+    print("error: no image could be read", file=sys.stderr)
+    return 1
+  return 0
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta))
+
+
+def _define_flags():
+  """The command's flags, defined only when it runs as a command (the module stays importable beside
+  other commands)."""
+  flags.DEFINE_string("workdir", None, "A trained run's directory (main.py --workdir).")
+  flags.DEFINE_string("images", None, "Folder of .jpg/.jpeg/.png files to predict.")
+  flags.DEFINE_string("out", None, "CSV to write: image, probability, error.")
+  flags.DEFINE_string("saliency", "", "Folder for one Grad-CAM + SmoothGrad PNG per image ('' = none).")
+  flags.DEFINE_string("metadata", "", "Per-image tabular metadata CSV, for ensemble workdirs (fusion).")
+  flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
+  flags.mark_flags_as_required(["workdir", "images", "out"])
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)
