@@ -9,6 +9,11 @@ patient's nevi" (10% are subtle) to florid; 4.5% of benign lesions are look-alik
 grey-blue regression, blue nevi, red angiomas). So the classes overlap: pixels separate them well (a small
 CNN trained from scratch reaches an AUC of about 0.9), not perfectly.
 
+An ugly-duckling set (`generate_dataset(..., ugly_duckling=1.0)`) removes every image-level cue instead: a
+patient's nevus style is drawn apart from their skin, benign lesions are the patient's own typical nevi and a
+melanoma is a typical nevus in a stranger's style. It looks like some patient's benign mole, only not like this
+patient's, so an image-only model is at chance and only within-patient comparison finds it.
+
 Everything is a pure function of (seed, patient_id) and (seed, image_name), so the same seed gives the same
 bytes in any order, in any process.
 

@@ -25,12 +25,15 @@ def main(argv=None):
                       default=synthetic.DEFAULT_MIN_MALIGNANT)
   parser.add_argument("--num_shards", "--num-shards", type=int, default=None)
   parser.add_argument("--num_workers", "--num-workers", type=int, default=1, help="rendering processes")
+  parser.add_argument("--ugly_duckling", "--ugly-duckling", type=float, default=0.0,
+                      help="share of melanomas drawn as a stranger's typical nevus (0 = ordinary set, 1 = pure)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
     summary = synthetic.generate_dataset(args.out, args.num_patients, args.image_size, args.seed,
                                          args.num_test_patients, num_shards=args.num_shards,
-                                         min_malignant=args.min_malignant, num_workers=args.num_workers)
+                                         min_malignant=args.min_malignant, num_workers=args.num_workers,
+                                         ugly_duckling=args.ugly_duckling)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

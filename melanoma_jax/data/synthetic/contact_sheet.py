@@ -9,7 +9,7 @@ from PIL import ImageDraw
 from melanoma_jax.data.synthetic import render
 
 
-def write(train_df, seed, size, path, patients=4, benign_per_patient=4):
+def write(train_df, seed, size, path, patients=4, benign_per_patient=4, ugly_duckling=0.0):
   """A labelled PNG grid: per row, a few benign lesions of one patient and then their malignant one."""
   tile = int(np.clip(size, 160, 256))
   with_malignant = sorted(train_df.loc[train_df["target"] == 1, "patient_id"].unique())[:patients]
@@ -25,7 +25,8 @@ def write(train_df, seed, size, path, patients=4, benign_per_patient=4):
   draw = ImageDraw.Draw(sheet)
   for r, row in enumerate(rows):
     for c, (_, item) in enumerate(row.iterrows()):
-      jpeg = render.render_image(seed, item["image_name"], item["patient_id"], item["target"] == 1, size)
+      jpeg = render.render_image(seed, item["image_name"], item["patient_id"], item["target"] == 1, size,
+                                 ugly_duckling)
       image = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((tile, tile), Image.BICUBIC)
       left, top = c * tile, r * (tile + label_h)
       sheet.paste(image, (left, top))

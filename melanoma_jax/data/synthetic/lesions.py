@@ -41,6 +41,7 @@ class PatientStyle:
   nevus_aspect: float  # Elongation of nevi (1 = round).
   nevus_centre_dark: float  # Centre-to-rim darkening of nevi (negative: lighter centre).
   nevus_network: float  # Strength of the pigment network of nevi.
+  nevus_family: int = -1  # Ugly-duckling sets: the nevi's colour family (_NEVUS_FAMILIES); -1 otherwise.
 
 
 def _skin_colour(tone):
@@ -74,9 +75,43 @@ def make_patient_style(rng):
   )
 
 
-def patient_style(seed, patient_id):
-  """The PatientStyle of a patient, a pure function of (seed, patient_id)."""
-  return make_patient_style(seeding.stable_rng(seed, patient_id, seeding.PATIENT_STREAM))
+def patient_style(seed, patient_id, independent_nevi=False):
+  """The PatientStyle of a patient, a pure function of (seed, patient_id).
+
+  `independent_nevi` (ugly-duckling sets): the nevus fields come from a style drawn on a stream of their
+  own, so a patient's nevi carry no trace of their skin, and a stranger's nevus on this skin (an ugly
+  duckling) is as plausible as the patient's own. Skin and hair are the same either way.
+  """
+  style = make_patient_style(seeding.stable_rng(seed, patient_id, seeding.PATIENT_STREAM))
+  if not independent_nevi:
+    return style
+  return dataclasses.replace(style, **make_nevus_style(seeding.stable_rng(seed, patient_id, seeding.NEVUS_STREAM)))
+
+
+# Colour families of benign nevi in ugly-duckling sets (linear RGB): tan, mid brown, dark brown, reddish
+# brown, grey-brown. Distinct families make one patient's nevi unlike another's, as moles differ between people.
+_NEVUS_FAMILIES = np.array([[0.70, 0.52, 0.40], [0.50, 0.33, 0.22], [0.30, 0.19, 0.13], [0.55, 0.33, 0.25],
+                            [0.46, 0.38, 0.33]], np.float32)
+
+
+def make_nevus_style(rng, other_than=-1):
+  """{nevus_* field of PatientStyle: value} of benign nevi in an ugly-duckling set, independent of the skin.
+
+  Wider between patients than `make_patient_style`'s (which ties nevi to the skin): the personal "style" an
+  ugly duckling breaks. Both a patient's own nevi and a stranger's (the duckling's donor) come from here.
+  `other_than` (a family index) draws the family uniformly among the others: a donor unlike the patient.
+  Over patients, whose own family is uniform, the donors' families are then uniform too, so a duckling's
+  look is distributed exactly as a benign nevus's.
+  """
+  count = len(_NEVUS_FAMILIES)
+  index = int(rng.integers(count)) if other_than < 0 else (other_than + 1 + int(rng.integers(count - 1))) % count
+  family = _NEVUS_FAMILIES[index]
+  return {"nevus_family": index,
+          # Lighter or darker within the family, the hue nearly kept: a brown mole stays brown.
+          "nevus_rgb": tuple(float(c) for c in np.clip(family * rng.uniform(0.85, 1.15) * rng.uniform(0.96, 1.04, 3),
+                                                       0, 1)),
+          "nevus_radius": float(rng.uniform(0.15, 0.5)), "nevus_aspect": float(rng.uniform(1.0, 1.6)),
+          "nevus_centre_dark": float(rng.uniform(-0.2, 0.5)), "nevus_network": float(rng.uniform(0.0, 0.6))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +238,35 @@ def _angioma_look(rng, style):
       centre_dark=0.1)
 
 
-def make_lesion_params(rng, style, malignant):
-  """Draws one lesion: a variant of the patient's nevus style, a benign look-alike, or a melanoma."""
-  kind = _lesion_kind(rng, malignant)
-  s = _severity(rng, kind)
-  centre = tuple(float(c) for c in rng.normal(0.0, 0.08, 2))
+def _ugly_duckling_kind(rng, style, kind, strength):
+  """(kind, donor style or None) of a lesion of an ugly-duckling set of `strength` in (0, 1].
+
+  With probability `strength` a melanoma is drawn as a typical nevus of a stranger: the "donor" style is the
+  patient's own with a fresh nevus style of another colour family (`make_nevus_style`). It looks like some
+  patient's benign mole, only not like this patient's own. With the same probability a benign lesion is the
+  patient's own typical nevus (no look-alike), so at strength 1 only within-patient comparison separates
+  the classes.
+  """
+  if rng.uniform() >= strength:
+    return kind, None
   if kind == "melanoma":
+    return kind, dataclasses.replace(style, **make_nevus_style(rng, other_than=style.nevus_family))
+  return "nevus", None
+
+
+def make_lesion_params(rng, style, malignant, ugly_duckling=0.0):
+  """Draws one lesion: a variant of the patient's nevus style, a benign look-alike, or a melanoma.
+
+  `ugly_duckling` in [0, 1]: see `_ugly_duckling_kind`; 0 draws exactly what the generator always drew.
+  """
+  kind, donor = _lesion_kind(rng, malignant), None
+  if ugly_duckling > 0.0:  # Only then: the draws of an ordinary set stay as they are.
+    kind, donor = _ugly_duckling_kind(rng, style, kind, float(ugly_duckling))
+  s = 0.0 if donor is not None else _severity(rng, kind)
+  centre = tuple(float(c) for c in rng.normal(0.0, 0.08, 2))
+  if donor is not None:
+    look = _nevus_look(rng, donor, 0.0, centre, atypical=False)
+  elif kind == "melanoma":
     look = _melanoma_look(rng, style, s, centre)
   elif kind == "blue_nevus":
     look = _blue_nevus_look(rng, style)

@@ -30,12 +30,14 @@ def _source_sha256():
 
 
 def dataset_params(num_patients, num_test_patients, image_size, seed, min_malignant, num_shards, train_csv,
-                   test_csv):
+                   test_csv, ugly_duckling=0.0):
   """What determines the dataset's content (the manifest's key to reuse a finished folder).
 
   Includes a hash of the generator's source, so a changed generator never reuses an older dataset.
+  `ugly_duckling` is recorded only when set, so an ordinary set's parameters read as they always did.
   """
-  return {"generator_version": GENERATOR_VERSION, "generator_sha256": _source_sha256(),
+  extra = {"ugly_duckling": float(ugly_duckling)} if ugly_duckling else {}
+  return {**extra, "generator_version": GENERATOR_VERSION, "generator_sha256": _source_sha256(),
           "num_patients": num_patients,
           "num_test_patients": num_test_patients, "image_size": image_size, "seed": seed,
           "min_malignant": min_malignant, "num_shards": num_shards, "jpeg_quality": render.JPEG_QUALITY,

@@ -162,11 +162,11 @@ def _dermoscope_light(rng, size):
   return light
 
 
-def render_lesion(rng, patient_style, malignant, size):
+def render_lesion(rng, patient_style, malignant, size, ugly_duckling=0.0):
   """One dermoscopy-like image, uint8 [size, size, 3]: the patient's skin, one lesion, light, hair."""
   if size < 8:
     raise InputError(f"image size must be >= 8 pixels, got {size}")
-  params = lesions.make_lesion_params(rng, patient_style, bool(malignant))
+  params = lesions.make_lesion_params(rng, patient_style, bool(malignant), ugly_duckling)
   rgb = _skin(rng, patient_style, size)
   alpha, colour = _lesion(rng, params, size)
   rgb += (colour - rgb) * alpha[..., None]
@@ -186,8 +186,12 @@ def encode_jpeg(image, quality=JPEG_QUALITY):
   return buffer.getvalue()
 
 
-def render_image(seed, image_name, patient_id, malignant, size):
-  """JPEG bytes of the image of one metadata row, a pure function of its arguments."""
+def render_image(seed, image_name, patient_id, malignant, size, ugly_duckling=0.0):
+  """JPEG bytes of the image of one metadata row, a pure function of its arguments.
+
+  `ugly_duckling` in [0, 1] (0: the ordinary set): see `lesions.make_lesion_params`.
+  """
   rng = seeding.stable_rng(seed, image_name, seeding.IMAGE_STREAM)
-  return encode_jpeg(render_lesion(rng, lesions.patient_style(seed, patient_id), malignant, size))
+  style = lesions.patient_style(seed, patient_id, independent_nevi=ugly_duckling > 0.0)
+  return encode_jpeg(render_lesion(rng, style, malignant, size, ugly_duckling))
 

@@ -43,9 +43,9 @@ def _render_job(job):
   return render.render_image(*job)
 
 
-def _rendered(df, targets, seed, size, num_workers, label):
+def _rendered(df, targets, seed, size, num_workers, label, ugly_duckling=0.0):
   """JPEG bytes of df's rows, in order, rendered in `num_workers` processes (1: in this one)."""
-  jobs = [(seed, name, patient, bool(t), size)
+  jobs = [(seed, name, patient, bool(t), size, ugly_duckling)
           for name, patient, t in zip(df["image_name"], df["patient_id"], targets)]
   if num_workers <= 1:
     yield from _with_progress(map(_render_job, jobs), len(jobs), label)
@@ -142,21 +142,27 @@ def _write_dataset(tmp_dir, train_df, test_df, test_truth, params, num_workers):
       os.path.join(tmp_dir, "test_hidden_labels.csv"), index=False)
   codes = records.fit_codes(train_df, test_df)
   shards = params["num_shards"]
-  train_images = _rendered(train_df, train_df["target"], seed, size, num_workers, "train")
+  ugly_duckling = params.get("ugly_duckling", 0.0)
+  train_images = _rendered(train_df, train_df["target"], seed, size, num_workers, "train", ugly_duckling)
   records.write_resized_records(train_df, train_images, tmp_dir, "train",
                                 shards or _auto_shards(len(train_df)), codes)
   if len(test_df):
-    test_images = _rendered(test_df, test_truth, seed, size, num_workers, "test")
+    test_images = _rendered(test_df, test_truth, seed, size, num_workers, "test", ugly_duckling)
     records.write_resized_records(test_df, test_images, tmp_dir, "test", shards or _auto_shards(len(test_df)),
                                   codes)
   records.save_codes(codes, os.path.join(tmp_dir, records.CODES_FILE))
-  contact_sheet.write(train_df, seed, size, os.path.join(tmp_dir, "contact_sheet.png"))
+  contact_sheet.write(train_df, seed, size, os.path.join(tmp_dir, "contact_sheet.png"),
+                      ugly_duckling=ugly_duckling)
   counts = {"train_patients": int(train_df["patient_id"].nunique()), "train_images": len(train_df),
             "train_malignant": int(train_df["target"].sum()),
             "test_patients": int(test_df["patient_id"].nunique()), "test_images": len(test_df),
             "test_malignant": int(np.sum(test_truth))}
   with open(os.path.join(tmp_dir, "SYNTHETIC.md"), "w") as f:
     f.write(_README.format(version=manifest_lib.GENERATOR_VERSION, seed=seed, size=size, **counts))
+    if ugly_duckling:
+      f.write(f"\nUGLY-DUCKLING SET (strength {ugly_duckling}): benign lesions are mostly the patient's own typical "
+              "nevi and melanomas mostly typical nevi in a stranger's style; only within-patient comparison "
+              "separates them.\n")
   os.remove(os.path.join(tmp_dir, _PARTIAL_MARK))  # The manifest, written last, lists only the dataset.
   return manifest_lib.write_manifest(tmp_dir, params, counts)
 
@@ -174,7 +180,7 @@ def _summary(out_dir, manifest, seconds, reused):
 def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_size=128, seed=0,
                      num_test_patients=None, train_csv=metadata.EMBEDDED_TRAIN_CSV,
                      test_csv=metadata.EMBEDDED_TEST_CSV, num_shards=None,
-                     min_malignant=patients.DEFAULT_MIN_MALIGNANT, num_workers=1):
+                     min_malignant=patients.DEFAULT_MIN_MALIGNANT, num_workers=1, ugly_duckling=0.0):
   """Draws images for a seeded patient subset of the real metadata and writes the resized-record set.
 
   Writes into out_dir: train.csv / test.csv (the real rows of the chosen patients), train*/test*.tfrec,
@@ -184,12 +190,16 @@ def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_
   done, so out_dir is never half-written. `num_patients` None or 0 takes all train patients;
   `num_test_patients` None takes the real test:train proportion; `num_shards` None picks ~250 images a
   shard (at most 16). See `patients.select_patients` for the subset and `min_malignant`.
+  `ugly_duckling` in [0, 1]: the share of melanomas drawn as a stranger's typical nevus (and of benign
+  lesions kept to the patient's own typical nevus), see `lesions.make_lesion_params`; 0 = the ordinary set.
   """
   start = time.time()
   if image_size < 8:
     raise InputError(f"image_size must be >= 8 pixels, got {image_size}")
   if seed < 0:
     raise InputError(f"seed must be >= 0, got {seed}")
+  if not 0.0 <= float(ugly_duckling) <= 1.0:
+    raise InputError(f"ugly_duckling must be in [0, 1], got {ugly_duckling}")
   out_dir = os.path.abspath(os.fspath(out_dir))
   train_all = metadata.load_metadata(train_csv, "train")
   test_all = metadata.load_metadata(test_csv, "test")
@@ -199,7 +209,7 @@ def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_
                                                            test_all["patient_id"].nunique())
   test_patients = patients.select_test_patients(test_all, num_test_patients, seed)
   params = manifest_lib.dataset_params(len(train_patients), len(test_patients), image_size, seed,
-                                       min_malignant, num_shards, train_csv, test_csv)
+                                       min_malignant, num_shards, train_csv, test_csv, float(ugly_duckling))
   manifest = manifest_lib.complete_manifest(out_dir, params)
   if manifest is not None:
     logging.info("%s: complete synthetic dataset with these parameters found, not regenerating", out_dir)
