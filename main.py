@@ -21,6 +21,7 @@ from ml_collections import config_flags
 from melanoma_jax.utils import cli
 
 FLAGS = flags.FLAGS
+_COORDINATOR_GRACE_S = 3.0
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard logs, results.json, CSVs.")
 flags.DEFINE_enum("mode", "train", ["train", "predict", "data"],
@@ -127,8 +128,10 @@ def main(argv):
 def _refuse_single_process_tasks(name):
   from melanoma_jax.training import distributed  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  if name == "tabular" and distributed.process_count() > 1:
-    raise InputError("config.task='tabular' runs in one process; drop --coordinator_address, "
+  # The ensemble's own stages are written process-0 aware but have not been run across processes: refused
+  # until they are (its image folds, `config.task='image'` runs, can be trained across processes alone).
+  if name in ("tabular", "ensemble") and distributed.process_count() > 1:
+    raise InputError(f"config.task={name!r} runs in one process; drop --coordinator_address, "
                      "--num_processes, --process_id and --distributed")
 
 
@@ -142,11 +145,16 @@ def _exit(code, multi):
 
   A plain exit would first wait in JAX's shutdown barrier for peers that may be blocked in a collective
   with this process; leaving at once breaks their connections, so they fail (and exit) promptly too.
+  Process 0 hosts JAX's coordination service, whose end aborts every peer ("another task died"), so it
+  leaves a few seconds later: a peer that meets the same error (a bad config) reports it in its own words.
   """
   if not multi:
     sys.exit(code)
   sys.stdout.flush()
   sys.stderr.flush()
+  from melanoma_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  if distributed.is_primary():
+    time.sleep(_COORDINATOR_GRACE_S)
   os._exit(code)  # pylint: disable=protected-access
 
 

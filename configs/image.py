@@ -79,4 +79,7 @@ def get_config():
   config.synthetic.num_patients = 0  # Patients of the real metadata to draw (0 = the generator's default).
   config.synthetic.seed = 0
   config.synthetic.image_size = 0  # Size the images are drawn at (0 = config.image_size).
+  # 0..1: the share of melanomas drawn as the patient's "ugly duckling": a typical mole in another patient's
+  # style, unremarkable alone (configs/ensemble_demo.py sets 1).
+  config.synthetic.ugly_duckling = 0.0
   return config

@@ -188,6 +188,9 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(two_process_run, da
 def test_an_error_ends_every_process(data_dir, tmp_path):
   start = time.time()
   codes, logs = _two_processes(tmp_path / "bad", data_dir, "--config.fold=7")
-  assert codes == [1, 1] and time.time() - start < 120
-  for i, log in enumerate(logs):
-    assert f"[process {i}/2] error: config.fold=7 must be in [0, config.num_folds=5)" in log
+  assert 0 not in codes and time.time() - start < 120, logs
+  assert codes[0] == 1 and "[process 0/2] error: config.fold=7 must be in [0, config.num_folds=5)" in logs[0]
+  # Process 1 names the same error, unless it was still starting when process 0 (JAX's coordinator) left
+  # a few seconds later: then JAX ends it, saying why.
+  assert ("[process 1/2] error: config.fold=7 must be in [0, config.num_folds=5)" in logs[1]
+          or "another task died" in logs[1]), logs[1][-3000:]

@@ -11,19 +11,24 @@ from melanoma_jax.data import sources
 from melanoma_jax.training import distributed
 
 
-def resolve_data(run, workdir):
-  """The run's ImageData: `run.data_dir`, or (when it is "") a synthetic set generated into WORKDIR/data
+def data_dir_of(run, workdir):
+  """`run.data_dir`, or (when it is "") the synthetic set generated (once; reused after) into WORKDIR/data
   (by process 0 of a multi-process run; the others wait for it)."""
-  data_dir = run.data_dir
-  if not data_dir:
-    from melanoma_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    data_dir = os.path.join(workdir, "data")
-    if distributed.is_primary():
-      summary = synthetic.generate_dataset(data_dir, **run.synthetic_kwargs)
-      logging.info("synthetic data in %s: %s", data_dir,
-                   {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-    distributed.barrier("synthetic data")
-  data = sources.resolve(data_dir)
+  if run.data_dir:
+    return run.data_dir
+  from melanoma_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.join(workdir, "data")
+  if distributed.is_primary():
+    summary = synthetic.generate_dataset(data_dir, **run.synthetic_kwargs)
+    logging.info("synthetic data in %s: %s", data_dir,
+                 {k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+  distributed.barrier("synthetic data")
+  return data_dir
+
+
+def resolve_data(run, workdir):
+  """The run's ImageData, from `data_dir_of(run, workdir)`."""
+  data = sources.resolve(data_dir_of(run, workdir))
   logging.info("%s", data.leakage_report)
   logging.info("records: %d train and %d test file(s), %s layout", len(data.train_files),
                len(data.test_files), data.layout)

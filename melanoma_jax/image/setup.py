@@ -111,6 +111,8 @@ def _synthetic_kwargs(config):
             "seed": int(config.synthetic.seed)}
   if config.synthetic.num_patients:
     kwargs["num_patients"] = int(config.synthetic.num_patients)
+  if config.synthetic.ugly_duckling:
+    kwargs["ugly_duckling"] = float(config.synthetic.ugly_duckling)
   return kwargs
 
 

@@ -46,7 +46,7 @@ def initial_state(run, model, tx, rng):
 
 def _check_identity(config, data, workdir, record=True):
   """Refuses a workdir that holds a run of another config or data (before anything is restored)."""
-  digest = identity.csv_digest(data.train_df.attrs["path"], data.test_df.attrs["path"])
+  digest = identity.data_digest(data.train_df.attrs["path"], data.test_df.attrs["path"])
   identity.check_or_record(workdir, identity.of(config, digest), record=record)
 
 
@@ -69,7 +69,7 @@ def restore_best(run, model, optimizer_config, workdir):
       model, tx, jax.random.PRNGKey(0), jnp.zeros((1, run.image_size, run.image_size, 3))))
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):  # Checked first: the checkpointer would create the folder.
-    raise InputError(f"{directory}: no checkpoints to predict with (train first)")
+    raise InputError(f"{directory}: no best checkpoint to predict with (train first)")
   checkpointer = _checkpointer(run, workdir)
   try:
     restored = checkpointer.restore_best(abstract)

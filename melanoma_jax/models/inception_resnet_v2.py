@@ -208,7 +208,8 @@ def feature_map_hooks(module: nn.Module, x):
   perturbations/feature_map (present when the variables carry that collection), whose gradient is the
   gradient with respect to the map: what Grad-CAM weighs the map's channels by.
   """
-  x = module.perturb("feature_map", x)
+  if not module.is_initializing():  # Perturbations are the caller's to pass, never model variables.
+    x = module.perturb("feature_map", x)
   module.sow("intermediates", "feature_map", x)
   return x
 

@@ -47,11 +47,19 @@ def csv_digest(*paths):
   return digest.hexdigest()
 
 
-def of(config, data_digest):
-  """The identity of a run of `config` on data whose CSVs hash to `data_digest`."""
+def data_digest(train_csv, test_csv):
+  """The digest of a run's data: its two CSVs and, for a synthetic set, its manifest (synthetic.json beside
+  train.csv, which holds every record file's sha256), so a regenerated set with other images but the same
+  tables is another run's data. Real record files are not hashed: they are too large to read every run."""
+  manifest = os.path.join(os.path.dirname(os.path.abspath(train_csv)), "synthetic.json")
+  return csv_digest(train_csv, test_csv, *([manifest] if os.path.isfile(manifest) else []))
+
+
+def of(config, digest):
+  """The identity of a run of `config` on data whose `data_digest` is `digest`."""
   fields = _flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
   identity = {k: v for k, v in sorted(fields.items()) if k not in MAY_CHANGE}
-  identity["data.csv_sha256"] = data_digest
+  identity["data.csv_sha256"] = digest
   return json.loads(json.dumps(identity, default=str))  # As it reads back from run.json.
 
 
