@@ -39,20 +39,22 @@ def _flatten(tree, prefix=""):
 
 def csv_digest(*paths):
   """sha256 of the files' bytes, in order (the data's tables, whose rows and labels define a run)."""
-  digest = hashlib.sha256()
-  for path in paths:
-    with open(path, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-  return digest.hexdigest()
+  return files.sha256(*paths)
 
 
 def data_digest(train_csv, test_csv):
-  """The digest of a run's data: its two CSVs and, for a synthetic set, its manifest (synthetic.json beside
-  train.csv, which holds every record file's sha256), so a regenerated set with other images but the same
-  tables is another run's data. Real record files are not hashed: they are too large to read every run."""
+  """The digest of a run's data: its two CSVs and, for a synthetic set, the sha256 of every record file its
+  manifest (synthetic.json beside train.csv) lists, so a set regenerated with other images but the same
+  tables is another run's data, while a byte-identical regeneration (a new generator version drawing the
+  same images) is not. Real record files are not hashed: they are too large to read on every run."""
+  digest = csv_digest(train_csv, test_csv)
   manifest = os.path.join(os.path.dirname(os.path.abspath(train_csv)), "synthetic.json")
-  return csv_digest(train_csv, test_csv, *([manifest] if os.path.isfile(manifest) else []))
+  if not os.path.isfile(manifest):
+    return digest
+  with open(manifest, encoding="utf-8") as f:
+    listed = json.load(f).get("files", {})
+  records = sorted((name, entry.get("sha256")) for name, entry in listed.items() if name.endswith(".tfrec"))
+  return hashlib.sha256(json.dumps([digest, records]).encode("utf-8")).hexdigest()
 
 
 def of(config, digest):

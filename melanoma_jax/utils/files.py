@@ -1,8 +1,10 @@
 """Outputs written atomically: to a temporary name beside the target, then renamed over it.
 
-A reader (or a run killed half-way) sees either the old file or the new one, never a torn one.
+A reader (or a run killed half-way) sees either the old file or the new one, never a torn one. Also the
+one file digest (`sha256`) that records and identities use.
 """
 import contextlib
+import hashlib
 import os
 
 
@@ -26,3 +28,13 @@ def write_csv(frame, path):
   with atomic_path(path) as tmp:
     frame.to_csv(tmp, index=False)
   return path
+
+
+def sha256(*paths):
+  """Hex sha256 of the files' bytes, read in order in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  return digest.hexdigest()

@@ -8,24 +8,17 @@ import json
 import os
 
 from melanoma_jax.data.synthetic import render
+from melanoma_jax.utils import files
 
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic.json"
-
-
-def file_sha256(path):
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _source_sha256():
   """One hash of every module of this package (a `sha256sum` listing of them, hashed)."""
   package_dir = os.path.dirname(os.path.abspath(__file__))
   names = sorted(n for n in os.listdir(package_dir) if n.endswith(".py"))
-  listing = "".join(f"{file_sha256(os.path.join(package_dir, n))}  {n}\n" for n in names)
+  listing = "".join(f"{files.sha256(os.path.join(package_dir, n))}  {n}\n" for n in names)
   return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
@@ -41,7 +34,7 @@ def dataset_params(num_patients, num_test_patients, image_size, seed, min_malign
           "num_patients": num_patients,
           "num_test_patients": num_test_patients, "image_size": image_size, "seed": seed,
           "min_malignant": min_malignant, "num_shards": num_shards, "jpeg_quality": render.JPEG_QUALITY,
-          "train_csv_sha256": file_sha256(train_csv), "test_csv_sha256": file_sha256(test_csv)}
+          "train_csv_sha256": files.sha256(train_csv), "test_csv_sha256": files.sha256(test_csv)}
 
 
 def complete_manifest(out_dir, params):
@@ -62,10 +55,10 @@ def complete_manifest(out_dir, params):
 
 def write_manifest(out_dir, params, counts):
   """Lists every file of out_dir (bytes, sha256) with params and counts in the manifest; returns it."""
-  files = {name: {"bytes": os.path.getsize(os.path.join(out_dir, name)),
-                  "sha256": file_sha256(os.path.join(out_dir, name))}
-           for name in sorted(os.listdir(out_dir))}
-  manifest = {"params": params, "counts": counts, "files": files}
+  listing = {name: {"bytes": os.path.getsize(os.path.join(out_dir, name)),
+                    "sha256": files.sha256(os.path.join(out_dir, name))}
+             for name in sorted(os.listdir(out_dir))}
+  manifest = {"params": params, "counts": counts, "files": listing}
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
   return manifest
