@@ -11,7 +11,7 @@ STAMP := $(VENV)/.requirements-installed
 
 DEMO_WORKDIR ?= runs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo ensemble-demo bench clean
 
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo "error: no Python >= 3.12 found (PYTHON='$(PYTHON)'); install Python 3.12 or newer, or run make PYTHON=/path/to/python3.12" >&2; exit 1; }
@@ -30,6 +30,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) main.py --config=configs/demo.py --workdir=$(DEMO_WORKDIR)
 	@echo "demo outputs: $(DEMO_WORKDIR)/results.json submission.csv oof.csv roc.png data/contact_sheet.png tensorboard/"
+
+# The patient-level ensemble on an ugly-duckling synthetic set: every fold's image model, image context,
+# fusion with the metadata, calibration (CPU).
+ENSEMBLE_DEMO_WORKDIR ?= runs/ensemble_demo
+ensemble-demo: $(STAMP)
+	$(PY) main.py --config=configs/ensemble_demo.py --workdir=$(ENSEMBLE_DEMO_WORKDIR)
+	@echo "ensemble demo outputs: $(ENSEMBLE_DEMO_WORKDIR)/results.json oof.csv submission.csv report.html fold_*/"
 
 # Speed, not correctness (not part of `make test`): each script prints one JSON line, also kept in $(BENCH_DIR).
 BENCH_DIR ?= runs/bench

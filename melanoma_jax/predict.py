@@ -1,13 +1,19 @@
-"""Predict a folder of images with a trained run, optionally with saliency maps.
+"""Predict a folder of images with a trained run or ensemble, optionally with saliency maps or metadata.
 
   python -m melanoma_jax.predict --workdir=runs/demo --images=photos/ --out=preds.csv
   python -m melanoma_jax.predict --workdir=runs/demo --images=photos/ --out=preds.csv --saliency=maps/
+  python -m melanoma_jax.predict --workdir=runs/ensemble --images=photos/ --out=preds.csv [--metadata=meta.csv]
 
 Loads the run's best checkpoint and the config the run recorded (no --config), reads every JPEG and PNG in
 --images (greyscale, RGBA and CMYK converted to RGB), preprocesses each as the run's own evaluation does and
 predicts with the run's TTA setting. --out gets one row per file: image (file name), probability, error.
 A file that cannot be read gets an empty probability and the reason (and a warning); the others are still
 predicted. Exit code 0 when at least one image was predicted, 1 otherwise (or on bad input).
+
+An ensemble workdir averages its fold models' probabilities. With --metadata (ensembles only) it also fuses
+the metadata as the ensemble's test stage does (inference/ensemble.py): columns pred_image (fold mean) and
+pred_fused (calibrated fusion) are added and probability is pred_fused; a file without a metadata row gets
+an empty probability, its pred_image and the reason.
 """
 import os
 import sys
@@ -37,11 +43,15 @@ def saliency_path(folder, name):
 def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn):
   """Rows {image, probability, error} for `paths`, in order; saliency PNGs into `saliency_dir` if set.
 
+  `metadata`: an ensemble's --metadata table (`predictor.read_metadata`): the rows also get pred_image and
+  pred_fused, and probability is pred_fused (fusion needs every image of a patient, so it runs once all
+  files are read; only the fold models' probabilities and embeddings are kept meanwhile).
   Files are read and predicted a global batch at a time (the devices' fill), so memory stays bounded.
   """
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   reader = images_lib.Reader(predictor.image_size)
   rows, done, start, last = [], 0, time.time(), time.time()
+  kept = []  # With metadata: (row indices, the fold models' outputs) per batch.
   for begin in range(0, len(paths), predictor.global_batch):
     chunk = paths[begin:begin + predictor.global_batch]
     arrays, readable = [], []
@@ -56,9 +66,13 @@ def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_w
         readable.append(len(rows))
         rows.append({"image": name, "probability": None, "error": ""})
     x = images_lib.stack(arrays, predictor.image_size)
-    probs = predictor.predict(x, metadata=metadata) if len(x) else []
-    for row_index, prob in zip(readable, probs):
-      rows[row_index]["probability"] = float(prob)
+    if metadata is not None:
+      if len(x):
+        kept.append((readable, predictor.embed(x)))
+    else:
+      probs = predictor.predict(x) if len(x) else []
+      for row_index, prob in zip(readable, probs):
+        rows[row_index]["probability"] = float(prob)
     if saliency_dir and len(x):
       _write_saliency(predictor, x, [rows[i] for i in readable], saliency_dir)
     done += len(chunk)
@@ -68,7 +82,29 @@ def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_w
                        f"ETA {time.strftime('%H:%M:%S', time.gmtime((len(paths) - done) / rate))}")
       print(progress_line, file=sys.stderr, flush=True)
       last = time.time()
+  if metadata is not None:
+    _fuse(predictor, rows, kept, metadata)
   return rows
+
+
+def _fuse(predictor, rows, kept, metadata):
+  """Fills pred_image, pred_fused and probability (= pred_fused) of the readable rows (see predict_folder)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for row in rows:
+    row.update(pred_image=None, pred_fused=None)
+  if not kept:
+    return
+  indices = [i for readable, _ in kept for i in readable]
+  per_fold = [(np.concatenate([outs[k][0] for _, outs in kept]), np.concatenate([outs[k][1] for _, outs in kept]))
+              for k in range(len(kept[0][1]))]
+  fused = predictor.fuse([rows[i]["image"] for i in indices], per_fold, metadata)
+  for i, pred_image, pred_fused, error in zip(indices, fused["pred_image"], fused["pred_fused"], fused["error"]):
+    rows[i]["pred_image"] = float(pred_image)
+    if error:
+      _warn(f"{rows[i]['image']}: {error}; not fused")
+      rows[i]["error"] = error
+    else:
+      rows[i]["pred_fused"] = rows[i]["probability"] = float(pred_fused)
 
 
 def _write_saliency(predictor, x, rows, folder):
@@ -93,15 +129,19 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   paths = images_lib.list_images(images_dir)
   if saliency_dir:
     outputs.check_writable(saliency_dir, SALIENCY_MARKER, "--saliency")
+    if loading.task_of(workdir) == "ensemble":  # Before the slow load.
+      from melanoma_jax.inference import ensemble  # pylint: disable=g-import-not-at-top
+      raise ensemble.one_model_only(workdir, "saliency maps")
   predictor = loading.load_predictor(workdir, tta=tta)
-  if metadata:  # Only ensembles fuse metadata; refuse before reading any image.
-    predictor.predict(images_lib.stack([], predictor.image_size), metadata=metadata)
+  # Only ensembles fuse metadata: refused (or read and checked) before any image is read.
+  table = predictor.read_metadata(metadata) if metadata else None
   if saliency_dir:
     outputs.claim(saliency_dir, SALIENCY_MARKER, "--saliency", {"workdir": os.path.abspath(workdir)})
   logging.info("predicting %d file(s) of %s with %s", len(paths), images_dir, predictor.description)
-  rows = predict_folder(predictor, paths, saliency_dir, metadata=metadata or None)
+  rows = predict_folder(predictor, paths, saliency_dir, metadata=table)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  files.write_csv(pd.DataFrame(rows, columns=["image", "probability", "error"]), out)
+  columns = ["image", "probability", "error"] + (["pred_image", "pred_fused"] if metadata else [])
+  files.write_csv(pd.DataFrame(rows, columns=columns), out)
   return rows
 
 
@@ -132,11 +172,12 @@ def main(argv):
 def _define_flags():
   """The command's flags, defined only when it runs as a command (the module stays importable beside
   other commands)."""
-  flags.DEFINE_string("workdir", None, "A trained run's directory (main.py --workdir).")
+  flags.DEFINE_string("workdir", None, "A trained run's or ensemble's directory (main.py --workdir).")
   flags.DEFINE_string("images", None, "Folder of .jpg/.jpeg/.png files to predict.")
-  flags.DEFINE_string("out", None, "CSV to write: image, probability, error.")
+  flags.DEFINE_string("out", None, "CSV to write: image, probability, error (+ pred_image, pred_fused).")
   flags.DEFINE_string("saliency", "", "Folder for one Grad-CAM + SmoothGrad PNG per image ('' = none).")
-  flags.DEFINE_string("metadata", "", "Per-image tabular metadata CSV, for ensemble workdirs (fusion).")
+  flags.DEFINE_string("metadata", "", "Per-image metadata CSV (image_name or image, patient_id, sex, age_approx, "
+                      "anatom_site_general_challenge), for ensemble workdirs: fused as the ensemble's test rows.")
   flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
   flags.mark_flags_as_required(["workdir", "images", "out"])
 

@@ -129,8 +129,8 @@ def test_refusals_are_one_line(workdir, image_folder, tmp_path):
   with pytest.raises(InputError, match="not a training run"):
     loading.load_predictor(str(tmp_path))
   (tmp_path / "ensemble").mkdir()
-  (tmp_path / "ensemble" / "run.json").write_text(json.dumps({"task": "ensemble"}))
-  with pytest.raises(InputError, match="an ensemble workdir; predicting image files with an ensemble is not"):
+  (tmp_path / "ensemble" / "run.json").write_text(json.dumps({"task": "ensemble", "num_folds": 2}))
+  with pytest.raises(InputError, match="fold_0: fold 0 of 2 not found"):  # Predicted by inference/ensemble.py.
     loading.load_predictor(str(tmp_path / "ensemble"))
   (tmp_path / "theirs").mkdir()
   (tmp_path / "theirs" / "keep.txt").write_text("x")

@@ -7,8 +7,8 @@ model; results.json (written when training finishes) adds the prediction-time fi
 (`_PREDICTION_DEFAULTS`: no TTA) unless the caller overrides them.
 
 `load_predictor(workdir)` is the one entry point: it recognises the kind of workdir and returns an object with
-the `Predictor` interface. Only single runs exist now; an ensemble workdir's loader plugs in beside
-`_load_run` and returns its own `Predictor` (fold averaging, metadata fusion).
+the `Predictor` interface: a single image run's `Predictor` (`_load_run`), or for an ensemble workdir an
+`inference.ensemble.EnsemblePredictor` (its fold models averaged, the metadata fused with its fitted stages).
 """
 import dataclasses
 import json
@@ -42,8 +42,10 @@ class Predictor:
 
   `predict(x)`: float32 [N, S, S, 3] in [-1, 1] -> float64 [N] probabilities (the mean over the image and its
   two flips when `tta`), through the run's own pmapped `steps.make_predict_step`. `metadata` is for predictors
-  that fuse tabular data (ensembles); this one refuses it. `model` and `variables` are exposed for saliency
-  and export (inference mode: BatchNorm uses the stored statistics).
+  that fuse tabular data (ensembles); this one refuses it (as does `read_metadata`). `embed(x)` gives the
+  probabilities with the pooled backbone embeddings, through the step the ensemble scores its images with.
+  `model` and `variables` are exposed for saliency and export (inference mode: BatchNorm uses the stored
+  statistics); `step` is the checkpoint's training step.
   """
   model: Any
   variables: dict
@@ -51,20 +53,36 @@ class Predictor:
   tta: bool
   global_batch: int
   description: str = ""
+  step: int = -1
 
   def __post_init__(self):
     self._step = steps.p_predict(steps.make_predict_step(self.model, tta=self.tta))
+    self._embed_step = None  # Compiled on first use: only ensembles need it.
     self._state = steps.replicate(ModelWeights(self.variables["params"],
                                                   self.variables.get("batch_stats", {})))
 
+  def read_metadata(self, path):
+    raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
+
   def predict(self, images, metadata=None):
     if metadata is not None:
-      raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
+      self.read_metadata(metadata)
     images = np.asarray(images, np.float32)
     if len(images) == 0:
       return np.zeros(0)
     return predict_lib.run(self._step, self._state,
                            predict_lib.array_batches(images, self.global_batch), "predictions")["outputs"]
+
+  def embed(self, images):
+    """(float64 [N] probabilities, float32 [N, F] embeddings), as ensemble/embed.py scores its images."""
+    images = np.asarray(images, np.float32)
+    if self._embed_step is None:
+      self._embed_step = steps.p_predict(steps.make_predict_step(self.model, tta=self.tta, embeddings=True))
+    if len(images) == 0:
+      return np.zeros(0), np.zeros((0, 0), np.float32)
+    out = predict_lib.run(self._embed_step, self._state, predict_lib.array_batches(images, self.global_batch),
+                          "embeddings")["outputs"]
+    return out[:, 0], out[:, 1:].astype(np.float32)
 
 
 @jax.tree_util.register_dataclass
@@ -119,13 +137,19 @@ def recorded_config(workdir, overrides: Optional[dict] = None) -> ml_collections
   return ml_collections.ConfigDict(tree)
 
 
-def load_predictor(workdir, tta: Optional[bool] = None) -> Predictor:
-  """The `Predictor` of `workdir` (`tta` None: the run's own setting). Refuses what it cannot load with one
-  line (no run, another task, no checkpoint, a config this code cannot resolve)."""
-  task = recorded_config(workdir).get("task", "image")
-  if task == "ensemble":  # Its loader (fold models averaged, metadata fusion) plugs in here.
-    raise InputError(f"{workdir}: an ensemble workdir; predicting image files with an ensemble is not "
-                     f"supported yet (one fold's model: --workdir={os.path.join(workdir, 'fold_0')})")
+def task_of(workdir):
+  """The task the workdir's run recorded ("image", "ensemble", "tabular"); InputError if it holds no run."""
+  return recorded_config(workdir).get("task", "image")
+
+
+def load_predictor(workdir, tta: Optional[bool] = None):
+  """The predictor of `workdir` (`tta` None: the run's own setting): a `Predictor`, or an
+  `inference.ensemble.EnsemblePredictor` for an ensemble workdir. Refuses what it cannot load with one line
+  (no run, another task, no checkpoint, a config this code cannot resolve)."""
+  task = task_of(workdir)
+  if task == "ensemble":
+    from melanoma_jax.inference import ensemble  # pylint: disable=g-import-not-at-top
+    return ensemble.load(workdir, tta)
   if task != "image":
     raise InputError(f"{workdir}: a {task} run; prediction from image files needs an image run")
   return _load_run(workdir, tta)
@@ -145,4 +169,4 @@ def _load_run(workdir, tta):
                  f"{meta['epoch']} (step {int(state.step)}){', flip TTA' if run.tta else ''}")
   logging.info("%s: %s", workdir, description)
   return Predictor(model=model, variables=state_lib.model_variables(state), image_size=run.image_size,
-                   tta=run.tta, global_batch=run.global_batch, description=description)
+                   tta=run.tta, global_batch=run.global_batch, description=description, step=int(state.step))

@@ -66,6 +66,9 @@ def serving_module(predictor, platforms: Sequence[str] = PLATFORMS):
 
   The model runs with XLA's plain ops (`kernels="xla"`: the same values, and portable to any platform).
   """
+  if not hasattr(predictor, "model"):  # An ensemble (inference/ensemble.py): several networks + fusion.
+    from melanoma_jax.inference import ensemble  # pylint: disable=g-import-not-at-top
+    raise ensemble.one_model_only(predictor.workdir, "a SavedModel export")
   tf_ = tf()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   model = predictor.model.clone(kernels="xla") if hasattr(predictor.model, "kernels") else predictor.model

@@ -1,0 +1,256 @@
+"""The patient-level ensemble: K image fold models -> image context -> fusion with metadata -> calibration.
+
+`train(config, workdir)`:
+  1. data: `config.data_dir`, or (when "") one synthetic set generated into WORKDIR/data (with
+     `config.synthetic.ugly_duckling`), shared by every fold;
+  2. image folds: `image.task.train` on every fold k, each its own run in WORKDIR/fold_k with its own
+     identity (resumable; a finished fold is not trained or predicted again); then each fold model's
+     probability + embedding of its validation fold (out of fold) and of every test image (embed.py);
+  3. image context (context.py) per image among the patient's images, with one fold model's outputs, in
+     style coordinates fitted per fold model on the rows scored together (its out-of-fold rows; for test
+     rows, its outputs for all test rows: that projection is kept for new images too);
+  4. stages fitted out of fold on the same patient-grouped folds (fusion.py): `tabular` (metadata + its
+     patient context), `image_context` (image + image context), `fusion` (both); each keeps the candidate
+     family with the best out-of-fold AUC; the fusion is calibrated out of fold (Platt) into `fused`;
+  5. test: each stage fitted on all out-of-fold rows, applied to features of the fold-averaged test image
+     probabilities and the fold-averaged test image contexts; the calibrator fitted on all out-of-fold rows.
+     These fitted stages, the style projections and the fold models' checkpoint steps are saved in
+     WORKDIR/fusion.pkl (fitted.py; its sha256 in results.json), and the test rows are predicted through
+     them exactly as the predict command predicts new image files.
+Writes oof.csv, submission.csv, test_stages.csv, fusion.pkl, results.json and the clinical report
+(report.html / report.json). Every run refits the stages from the folds' cached outputs, so rerunning a
+finished ensemble (no fold trained or predicted again) rewrites all of these, fusion.pkl included.
+"""
+import os
+import time
+
+import ml_collections
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from melanoma_jax.data import folds as folds_lib
+from melanoma_jax.data import sources
+from melanoma_jax.ensemble import context as context_lib
+from melanoma_jax.ensemble import embed, fusion
+from melanoma_jax.ensemble import fitted as fitted_lib
+from melanoma_jax.image import data as image_data
+from melanoma_jax.image import setup
+from melanoma_jax.image import task as image_task
+from melanoma_jax.training import checkpoint as checkpoint_lib
+from melanoma_jax.training import distributed, identity, metrics
+from melanoma_jax.utils import files
+from melanoma_jax.utils.errors import InputError
+from melanoma_jax.utils.results import write_results
+
+REPORT_STAGES = {"image": "pred_image", "tabular": "pred_tabular", "fused": "pred_fusion"}
+HIDDEN_LABELS = "test_hidden_labels.csv"  # The synthetic generator's labels of its test images.
+
+
+def _without_ensemble(config):
+  fields = config.to_dict()
+  fields.pop("ensemble", None)
+  return ml_collections.ConfigDict(fields)
+
+
+def fold_config(config, fold, data_dir):
+  """The image config of fold `fold`: `config` without its `ensemble` section, reading `data_dir`."""
+  fold_cfg = _without_ensemble(config)
+  fold_cfg.task, fold_cfg.fold, fold_cfg.data_dir = "image", int(fold), data_dir
+  return fold_cfg
+
+
+def _data_dir(config, workdir):
+  """`config.data_dir`, or the synthetic set generated once into WORKDIR/data and shared by every fold."""
+  return image_data.data_dir_of(setup.resolve(config), workdir)
+
+
+def _finished(fold_cfg, fold_dir, digest):
+  """Whether the fold run in `fold_dir` is this config's and has trained all its epochs and predicted."""
+  if not os.path.isfile(os.path.join(fold_dir, "results.json")):
+    return False
+  identity.check_or_record(fold_dir, identity.of(fold_cfg, digest), record=False)  # Refuses another run's.
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(fold_dir, "checkpoints"))
+  try:
+    latest = checkpointer.latest_step()
+    meta = checkpointer.read_meta(latest) if latest is not None else None
+  finally:
+    checkpointer.close()
+  return meta is not None and (meta["epoch"] >= int(fold_cfg.num_epochs) or meta.get("stopped_early", False))
+
+
+def train_folds(config, workdir, data_dir, digest):
+  """Trains (or resumes, or skips when finished) every image fold; returns their embed.FoldOutputs."""
+  outputs = []
+  for fold in range(int(config.num_folds)):
+    fold_cfg, fold_dir = fold_config(config, fold, data_dir), os.path.join(workdir, f"fold_{fold}")
+    if _finished(fold_cfg, fold_dir, digest):
+      logging.info("fold %d: finished run in %s, not training again", fold, fold_dir)
+    else:
+      image_task.train(fold_cfg, fold_dir)
+    outputs.append(embed.fold_outputs(fold_cfg, fold_dir))
+  return outputs
+
+
+def image_stage(train_df, fold_ids, per_fold, components=context_lib.STYLE_COMPONENTS):
+  """(train image block, OOF probabilities) from the fold outputs.
+
+  Training rows: the out-of-fold output of the model that never saw the patient, and the context among
+  the patient's images in that model's terms (style coordinates fitted on that model's out-of-fold rows).
+  """
+  probs, embeddings, source = embed.place_out_of_fold(list(train_df["image_name"]), fold_ids, per_fold)
+  patients = train_df["patient_id"].to_numpy()
+  train_context = pd.DataFrame(0.0, index=np.arange(len(train_df)), columns=list(context_lib.FEATURES))
+  for fold in np.unique(source):
+    rows = np.flatnonzero(source == fold)
+    train_context.iloc[rows] = context_lib.image_context(patients[rows], probs[rows], embeddings[rows],
+                                                         components).to_numpy()
+  return fusion.image_block(probs, train_context), probs
+
+
+def test_outputs(test_df, per_fold):
+  """[(probabilities, embeddings)] of every fold model for the test rows, in test.csv order."""
+  return [embed.ordered_test_outputs(list(test_df["image_name"]), out) for out in per_fold]
+
+
+def test_projections(test_df, per_fold_test, components=context_lib.STYLE_COMPONENTS):
+  """Each fold model's style projection, fitted on its outputs for all test rows (patient ids only).
+
+  Fitted once here and kept (fusion.pkl) for the test rows and for new images alike, so the predict command
+  reproduces the test stage, and an image's context never depends on which other patients it is scored with.
+  """
+  patients = test_df["patient_id"].to_numpy()
+  return tuple(context_lib.fit_style(e, patients, components) for _, e in per_fold_test)
+
+
+def _auc(targets, scores):
+  targets = np.asarray(targets)
+  return metrics.roc_auc(targets, scores) if 0 < targets.sum() < len(targets) else None
+
+
+def fit_stages(train_df, images, fold_ids, candidates, seed):
+  """(out-of-fold probabilities of every stage and candidate, every stage fitted on all rows with its
+  chosen family, the candidates' AUCs, the chosen families)."""
+  y = train_df["target"].to_numpy()
+  oof, fitted, candidate_aucs, chosen = {}, {}, {}, {}
+  for stage, inputs in fusion.STAGES.items():
+    scores = {c: fusion.stage_oof(inputs, c, train_df, images, y, fold_ids, seed) for c in candidates}
+    candidate_aucs[stage] = {c: metrics.roc_auc(y, s) for c, s in scores.items()}
+    chosen[stage] = max(candidates, key=lambda c: candidate_aucs[stage][c])  # First listed on a tie.
+    for c, s in scores.items():
+      oof[f"{stage}_{c}"] = s
+    oof[stage] = scores[chosen[stage]]
+    fitted[stage] = fusion.Stage(inputs, chosen[stage], seed).fit(train_df, images, y)
+    logging.info("stage %s: out-of-fold AUC %s; keeping %s", stage,
+                 ", ".join(f"{c} {a:.4f}" for c, a in candidate_aucs[stage].items()), chosen[stage])
+  return oof, fitted, candidate_aucs, chosen
+
+
+def _hidden_labels(data_dir, test_df):
+  """Test labels of a synthetic set (its generator's), aligned to test.csv, or None for real data."""
+  path = os.path.join(data_dir, HIDDEN_LABELS)
+  if not os.path.isfile(path):
+    return None
+  labels = pd.read_csv(path).set_index("image_name")["target"]
+  return labels.reindex(test_df["image_name"]).to_numpy() if set(test_df["image_name"]) <= set(labels.index) else None
+
+
+def _write_tables(workdir, oof_df, test_stages):
+  """oof.csv, submission.csv (the fused test probabilities) and test_stages.csv; process 0 only."""
+  if not distributed.is_primary():
+    return
+  files.write_csv(oof_df, os.path.join(workdir, "oof.csv"))
+  files.write_csv(test_stages[["image_name", "prediction"]].rename(columns={"prediction": "target"}),
+                  os.path.join(workdir, "submission.csv"))
+  files.write_csv(test_stages, os.path.join(workdir, "test_stages.csv"))
+
+
+def _write_report(workdir, oof_df, train_df, seed):
+  """The clinical report of the out-of-fold predictions (stages image / tabular / fused, fused calibrated)."""
+  from melanoma_jax.training import clinical  # pylint: disable=g-import-not-at-top
+  if not distributed.is_primary():
+    return None
+  table = oof_df.merge(train_df[["image_name", *clinical.CONTEXT_COLUMNS]], on="image_name", how="left")
+  return clinical.write_report(workdir, table, REPORT_STAGES, "Patient-level ensemble, out of fold",
+                               calibrated={"fused": "prediction"}, seed=seed)
+
+
+def train(config, workdir, start_time=None):
+  """The whole ensemble (see the module doc); returns the results dict."""
+  start = start_time or time.time()
+  if "ensemble" not in config:
+    raise InputError("config has no `ensemble` section (use configs/ensemble.py or configs/ensemble_demo.py)")
+  candidates = tuple(config.ensemble.candidates)
+  unknown = [c for c in candidates if c not in fusion.CANDIDATES]
+  if not candidates or unknown:
+    raise InputError(f"config.ensemble.candidates={candidates}: each must be one of {', '.join(fusion.CANDIDATES)}")
+  setup.resolve(config)  # Refuses a bad image config before any data is generated.
+  os.makedirs(workdir, exist_ok=True)
+  data_dir = _data_dir(config, workdir)
+  data = sources.resolve(data_dir)
+  digest = identity.data_digest(data.train_df.attrs["path"], data.test_df.attrs["path"])
+  # The record covers what the folds and data depend on; the `ensemble` section (second stage, refitted on
+  # every run) may change between runs of the same workdir.
+  identity.check_or_record(workdir, identity.of(_without_ensemble(config), digest))
+  train_df, test_df = data.train_df.reset_index(drop=True), data.test_df.reset_index(drop=True)
+  seed = int(config.seed)
+  fold_ids = folds_lib.assign_folds(train_df, int(config.num_folds), seed)  # The image folds' own split.
+  folds_lib.check_folds_have_both_classes(train_df, fold_ids, range(int(config.num_folds)))
+  per_fold = train_folds(config, workdir, data_dir, digest)
+  components = int(config.ensemble.style_components)
+  images, image_probs = image_stage(train_df, fold_ids, per_fold, components)
+  per_fold_test = test_outputs(test_df, per_fold)
+  projections = test_projections(test_df, per_fold_test, components)
+  y = train_df["target"].to_numpy()
+  oof, stages, candidate_aucs, chosen = fit_stages(train_df, images, fold_ids, candidates, seed)
+  fused = fusion.calibrate_oof(oof["fusion"], y, fold_ids)
+  final = fitted_lib.FittedEnsemble(folds=tuple(o.fold for o in per_fold), fold_steps=tuple(o.step for o in per_fold),
+                                    projections=projections, stages=stages,
+                                    calibrator=fusion.Calibrator(oof["fusion"], y))
+  # The test rows go through the same FittedEnsemble.predict as new image files (the predict command).
+  test_pred = final.predict(test_df, per_fold_test)
+  test_image_probs, test_fused = test_pred["pred_image"].to_numpy(), test_pred["prediction"].to_numpy()
+  test = {k: test_pred[f"pred_{k}"].to_numpy() for k in fusion.STAGES}
+  calibrator = final.calibrator
+  fusion_sha256 = fitted_lib.save(final, workdir) if distributed.is_primary() else None
+
+  oof_df = pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
+                         "fold": fold_ids, "target": y, "prediction": fused, "pred_image": image_probs,
+                         **{f"pred_{k}": v for k, v in oof.items()}})
+  test_stages = pd.DataFrame({"image_name": test_df["image_name"], "prediction": test_fused,
+                              "pred_image": test_image_probs, **{f"pred_{k}": v for k, v in test.items()}})
+  _write_tables(workdir, oof_df, test_stages)
+
+  stage_auc = {"image": metrics.roc_auc(y, image_probs), **{k: metrics.roc_auc(y, oof[k]) for k in fusion.STAGES},
+               "fused": metrics.roc_auc(y, fused)}
+  labels = _hidden_labels(data_dir, test_df)
+  test_auc = None
+  if labels is not None:
+    test_auc = {"image": _auc(labels, test_image_probs), **{k: _auc(labels, v) for k, v in test.items()},
+                "fused": _auc(labels, test_fused)}
+  report = _write_report(workdir, oof_df, train_df, seed)
+  results = {
+      "task": "ensemble", "stage_oof_auc": stage_auc, "candidate_oof_auc": candidate_aucs,
+      "chosen": chosen, "fusion_model": chosen["fusion"], "test_auc": test_auc,
+      "image_fold_val_auc": [_auc(y[fold_ids == o.fold], image_probs[fold_ids == o.fold]) for o in per_fold],
+      "calibration": {"a": calibrator.a, "b": calibrator.b, "malignant_rate": float(y.mean()),
+                      "mean_fused_oof": float(fused.mean()), "mean_fused_test": float(test_fused.mean())},
+      "report": {k: v.get("auc") for k, v in report["stages"].items()} if report else None,
+      "train_rows": len(train_df), "test_rows": len(test_df),
+      "embedding_dims": int(per_fold[0].val_embeddings.shape[1]),
+      "fusion_file": fitted_lib.FILE, "fusion_sha256": fusion_sha256, "fold_steps": list(final.fold_steps),
+      "data_dir": data_dir, "wall_seconds": time.time() - start}
+  write_results(workdir, results, config)
+  logging.info("out-of-fold AUC: %s; test AUC: %s", " ".join(f"{k} {v:.4f}" for k, v in stage_auc.items()),
+               "-" if test_auc is None else " ".join(f"{k} {v:.4f}" for k, v in test_auc.items() if v is not None))
+  return results
+
+
+def predict(config, workdir):
+  """The ensemble predicts as part of its run; a rerun reuses finished folds and their cached outputs."""
+  return train(config, workdir)
+
+
+def train_table(config, workdir):
+  """The training table of the run's data (for `--mode=data`)."""
+  return sources.resolve(_data_dir(config, workdir)).train_df
