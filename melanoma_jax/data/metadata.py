@@ -47,26 +47,12 @@ def load_metadata(path, split="train"):
                      f"(has {', '.join(map(str, df.columns))})")
   if df.empty:
     raise InputError(f"{path}: no rows")
-  for column in ("image_name", "patient_id"):
-    empty = df[column].isna() | (df[column].str.strip() == "")
-    if empty.any():
-      raise InputError(f"{path}: column {column} is empty in {int(empty.sum())} row(s), "
-                       f"first at line {int(np.argmax(empty.to_numpy())) + 2}")
+  check_filled(df, ("image_name", "patient_id"), path)
   duplicated = df["image_name"].duplicated()
   if duplicated.any():
     first = df.loc[duplicated, "image_name"].iloc[0]
     raise InputError(f"{path}: column image_name has {int(duplicated.sum())} duplicate(s), e.g. {first}")
-  age = pd.to_numeric(df["age_approx"], errors="coerce")
-  bad_age = age.isna() & df["age_approx"].notna()
-  if bad_age.any():
-    raise InputError(f"{path}: column age_approx has non-numeric value "
-                     f"{df.loc[bad_age, 'age_approx'].iloc[0]!r}")
-  implausible = age.notna() & ~age.between(MIN_AGE, MAX_AGE)
-  if implausible.any():  # Min-Max scaling would squash every other age into a sliver of [0, 1].
-    first = int(np.argmax(implausible.to_numpy()))
-    raise InputError(f"{path}: column age_approx has implausible value {age.iloc[first]:g} at line {first + 2} "
-                     f"(ages must be {MIN_AGE}-{MAX_AGE}; {int(implausible.sum())} such row(s))")
-  df["age_approx"] = age.astype("float64")
+  df["age_approx"] = parse_ages(df["age_approx"], path)
   if "target" in df.columns:
     target = pd.to_numeric(df["target"], errors="coerce")
     bad = ~target.isin([0, 1])
@@ -81,6 +67,32 @@ def load_metadata(path, split="train"):
     df[column] = df[column].astype(str)
   df.attrs["path"] = path
   return df
+
+
+def check_filled(df, columns, source):
+  """Raises InputError naming `source`, the column, the count and the first line (header = line 1) when a
+  row of one of `columns` is empty or blank."""
+  for column in columns:
+    empty = df[column].isna() | (df[column].str.strip() == "")
+    if empty.any():
+      raise InputError(f"{source}: column {column} is empty in {int(empty.sum())} row(s), "
+                       f"first at line {int(np.argmax(empty.to_numpy())) + 2}")
+
+
+def parse_ages(values, source):
+  """`age_approx` values as float64 (missing stays NaN); InputError naming `source` and the line for a
+  non-numeric value or an age outside MIN_AGE-MAX_AGE."""
+  age = pd.to_numeric(values, errors="coerce")
+  bad = (age.isna() & values.notna()).to_numpy()
+  if bad.any():
+    first = int(np.argmax(bad))
+    raise InputError(f"{source}: column age_approx has non-numeric value {values.iloc[first]!r} at line {first + 2}")
+  implausible = (age.notna() & ~age.between(MIN_AGE, MAX_AGE)).to_numpy()
+  if implausible.any():  # Min-Max scaling would squash every other age into a sliver of [0, 1].
+    first = int(np.argmax(implausible))
+    raise InputError(f"{source}: column age_approx has implausible value {age.iloc[first]:g} at line {first + 2} "
+                     f"(ages must be {MIN_AGE}-{MAX_AGE}; {int(implausible.sum())} such row(s))")
+  return age.astype("float64")
 
 
 def check_leakage(train_df, test_df, max_listed=5):

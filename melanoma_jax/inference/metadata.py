@@ -4,12 +4,13 @@ Columns: `image_name` (or `image`), `patient_id`, `sex`, `age_approx`, `anatom_s
 (test.csv's columns; others are ignored). A row belongs to the file whose name without its extension equals
 the row's image name (itself with or without a .jpg/.jpeg/.png extension). sex, age and site may be empty
 (the tabular encoder has a missing state for each); a missing column, an empty image name or patient id, a
-duplicate image name or a non-numeric age is refused with one line naming the CSV and the column.
+duplicate image name or a non-numeric or implausible age (data/metadata.py's rules) is refused with one line naming the CSV and the column.
 """
 import os
 
 import pandas as pd
 
+from melanoma_jax.data import metadata
 from melanoma_jax.utils.errors import InputError
 
 NAME_COLUMNS = ("image_name", "image")
@@ -38,24 +39,18 @@ def read(path):
   missing = ([] if name_column else ["image_name (or image)"]) + [c for c in COLUMNS if c not in df.columns]
   if missing:
     raise InputError(f"--metadata={path}: missing column(s) {', '.join(missing)}")
-  for column in (name_column, "patient_id"):
-    empty = df[column].isna() | (df[column].str.strip() == "")
-    if empty.any():
-      raise InputError(f"--metadata={path}: column {column} is empty at line {int(empty.to_numpy().argmax()) + 2}")
+  source = f"--metadata={path}"
+  metadata.check_filled(df, (name_column, "patient_id"), source)
   keys = df[name_column].map(key)
   duplicated = keys.duplicated()
   if duplicated.any():
     raise InputError(f"--metadata={path}: column {name_column} names image {keys[duplicated].iloc[0]} twice")
-  age = pd.to_numeric(df["age_approx"], errors="coerce")
-  bad_age = age.isna() & df["age_approx"].notna()
-  if bad_age.any():
-    raise InputError(f"--metadata={path}: column age_approx has non-numeric value "
-                     f"{df.loc[bad_age, 'age_approx'].iloc[0]!r} at line {int(bad_age.to_numpy().argmax()) + 2}")
+  age = metadata.parse_ages(df["age_approx"], source)
   # The dtypes data/metadata.py gives test.csv, so the tabular encoder sees identical values.
   table = pd.DataFrame({"image_name": df[name_column].astype(str).to_numpy(),
                         "patient_id": df["patient_id"].str.strip().astype(str).to_numpy(),
                         "sex": df["sex"].astype(object).where(df["sex"].notna(), float("nan")).to_numpy(),
-                        "age_approx": age.astype("float64").to_numpy(),
+                        "age_approx": age.to_numpy(),
                         "anatom_site_general_challenge": df["anatom_site_general_challenge"].astype(object).where(
                             df["anatom_site_general_challenge"].notna(), float("nan")).to_numpy()},
                        index=pd.Index(keys.to_numpy(), name="key"))
