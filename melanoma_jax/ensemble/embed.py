@@ -1,7 +1,7 @@
 """One fold model's outputs for the ensemble: probability + pooled backbone embedding of every image it
 must score, its validation fold (out of fold: the model never saw these patients) and the whole test set.
 
-The fold's best checkpoint is restored as `image.task.predict` restores it, and the images go through the
+The fold's best checkpoint is restored with `image.task.restore_best`, and the images go through the
 same tf.data pipeline and `training.predict.run`, with `steps.make_predict_step(..., embeddings=True)`.
 The outputs are kept in FOLD_DIR/ensemble_outputs.npz with the checkpoint step they came from, so a rerun
 reuses them unless the fold's best checkpoint changed.
@@ -9,8 +9,6 @@ reuses them unless the fold's best checkpoint changed.
 import dataclasses
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -19,7 +17,6 @@ from melanoma_jax.image import setup
 from melanoma_jax.image import task as image_task
 from melanoma_jax.training import checkpoint as checkpoint_lib
 from melanoma_jax.training import distributed
-from melanoma_jax.training import state as state_lib
 from melanoma_jax.training import steps
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
@@ -58,23 +55,20 @@ def fold_outputs(fold_config, fold_dir):
                                              max_to_keep=run.checkpoints_to_keep)
   try:
     step = checkpointer.best_step()
-    if step is None:
-      raise InputError(f"{checkpointer.directory}: no best checkpoint to embed with (train the fold first)")
-    path = os.path.join(fold_dir, OUTPUTS_FILE)
-    cached = _load(path, run.fold, step)
-    if cached is not None:
-      logging.info("fold %d: reusing %s (best checkpoint step %d)", run.fold, path, step)
-      return cached
-    data = data_lib.resolve_data(run, fold_dir)
-    split = data_lib.make_split(run, data)
-    pipeline = data_lib.make_pipeline(run, data, split)
-    model = run.build_model()
-    tx, _ = setup.build_optimizer(fold_config.optimizer, pipeline.steps_per_epoch)
-    abstract = jax.eval_shape(lambda: state_lib.create_train_state(
-        model, tx, jax.random.PRNGKey(0), jnp.zeros((1, run.image_size, run.image_size, 3))))
-    state, _ = checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()
+  if step is None:
+    raise InputError(f"{checkpointer.directory}: no best checkpoint to embed with (train the fold first)")
+  path = os.path.join(fold_dir, OUTPUTS_FILE)
+  cached = _load(path, run.fold, step)
+  if cached is not None:
+    logging.info("fold %d: reusing %s (best checkpoint step %d)", run.fold, path, step)
+    return cached
+  data = data_lib.resolve_data(run, fold_dir)
+  split = data_lib.make_split(run, data)
+  pipeline = data_lib.make_pipeline(run, data, split)
+  model = run.build_model()
+  state, _ = image_task.restore_best(run, model, fold_config.optimizer, fold_dir)
   state = steps.replicate(state)
   p_predict = steps.p_predict(steps.make_predict_step(model, tta=run.tta, embeddings=True))
   val_names, _, val_out = image_task.infer(p_predict, state, pipeline, pipeline.val_dataset(), data.train_files,
