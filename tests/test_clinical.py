@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as sk_metrics
 
-from melanoma_jax.training import clinical
+from melanoma_jax.evaluation import clinical
 
 # Ten images, 4 malignant, ranked high to low. With "positive iff score >= t" the ROC walks:
 #   t      tp fp  sensitivity specificity

@@ -21,7 +21,7 @@ from melanoma_jax.ensemble import context, embed, fitted, fusion, task
 from melanoma_jax.inference import ensemble as inference_ensemble
 from melanoma_jax.inference import tf_export
 from melanoma_jax.image import data as image_data
-from melanoma_jax.training import metrics
+from melanoma_jax.evaluation import calibration, metrics
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
@@ -246,7 +246,7 @@ def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv):
   fused = fusion.calibrate_oof(oof["fusion"], y, fold_ids)
   per_fold_test = task.test_outputs(test_df, per_fold)
   final = fitted.FittedEnsemble(tuple(range(4)), (-1,) * 4, task.test_projections(test_df, per_fold_test), stages,
-                                fusion.Calibrator(oof["fusion"], y))
+                                calibration.PlattCalibrator.fit(oof["fusion"], y))
   test = final.predict(test_df, per_fold_test)
   test_probs, test_fused = test["pred_image"].to_numpy(), test["prediction"].to_numpy()
   assert abs(metrics.roc_auc(y, image_probs) - 0.5) < 0.15
@@ -394,7 +394,7 @@ def test_a_fitted_style_projection_makes_context_independent_of_other_patients()
   patients = np.repeat(["A", "B", "C", "D"], 5)
   probs, embeddings = rng.uniform(0.05, 0.95, 20), rng.normal(size=(20, 6))
   projection = context.fit_style(embeddings, patients, components=2)
-  np.testing.assert_allclose(projection(embeddings), context.style_coordinates(embeddings, patients, 2))
+  np.testing.assert_allclose(projection(embeddings), context.fit_style(embeddings, patients, 2)(embeddings))
   whole = context.image_context(patients, probs, embeddings, projection=projection)
   alone = context.image_context(patients[:5], probs[:5], embeddings[:5], projection=projection)
   np.testing.assert_allclose(alone.to_numpy(), whole.to_numpy()[:5])

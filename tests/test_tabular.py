@@ -16,6 +16,7 @@ from sklearn import metrics as sk_metrics
 
 from configs import tabular as tabular_config
 from melanoma_jax.data import metadata
+from melanoma_jax.evaluation import calibration
 from melanoma_jax.tabular import features
 from melanoma_jax.models import build_model
 from melanoma_jax.tabular import balance, task
@@ -254,7 +255,7 @@ def test_platt_scaling_recovers_a_known_calibration():
   rng = np.random.default_rng(0)
   logits = rng.normal(0.0, 2.0, 20000)
   y = (rng.uniform(size=logits.size) < 1.0 / (1.0 + np.exp(-(0.5 * logits - 3.0)))).astype(int)
-  a, b = balance.fit_platt(logits, y)
+  a, b = calibration.fit_platt(logits, y)
   assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(-3.0, abs=0.15)
 
 

@@ -8,7 +8,8 @@ import optax
 import pytest
 from sklearn import metrics as sk_metrics
 
-from melanoma_jax.training import checkpoint, loop, losses, metrics, predict, reporting, state as state_lib, steps
+from melanoma_jax.evaluation import metrics
+from melanoma_jax.training import checkpoint, loop, losses, predict, reporting, state as state_lib, steps
 from melanoma_jax.utils.errors import NonFiniteLossError
 
 

@@ -34,23 +34,17 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from melanoma_jax.evaluation.calibration import logit
 from melanoma_jax.utils.errors import InputError
 
 FEATURES = ("pred_rank", "pred_z", "dist_mean", "dist_nearest", "dist_z", "log_images")
 NEUTRAL = {"pred_rank": 0.5, "pred_z": 0.0, "dist_mean": 1.0, "dist_nearest": 1.0, "dist_z": 0.0}
-# Style coordinates: on the ensemble demo's random-init InceptionResNetV2 features (5 folds' validation
-# images, 13-14 ugly ducklings each) the duckling's dist_nearest AUC, mean over folds, is 0.71 over all
-# standardised features; over style directions of the 128 leading principal components 0.83 (4
-# directions), 0.84 (8), 0.81 (16), 0.78 (32).
+# How many style directions and leading principal components the distances use (configurable per run:
+# config.ensemble.style_components).
 STYLE_COMPONENTS = 8
 STYLE_PRINCIPAL = 128
 _REGULARISER = 1e-3  # Added to the within-patient covariance, relative to its mean eigenvalue.
 _EPS = 1e-9
-
-
-def logit(p):
-  p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
-  return np.log(p / (1 - p))
 
 
 def _zscores(values):
@@ -104,11 +98,6 @@ def fit_style(embeddings, patient_ids, components=STYLE_COMPONENTS, principal=ST
   _, directions = np.linalg.eigh(whiten.T @ s_between @ whiten)
   k = int(min(components, len(groups) - 1, keep))
   return StyleProjection(mean, scale, principal_axes @ whiten @ directions[:, ::-1][:, :k])
-
-
-def style_coordinates(embeddings, patient_ids, components=STYLE_COMPONENTS, principal=STYLE_PRINCIPAL):
-  """[rows, <= components] style coordinates of these rows, the projection fitted on them (`fit_style`)."""
-  return fit_style(embeddings, patient_ids, components, principal)(embeddings)
 
 
 def _patient_features(logits, embeddings):

@@ -23,6 +23,7 @@ import pandas as pd
 
 from melanoma_jax.ensemble import context as context_lib
 from melanoma_jax.ensemble import fusion
+from melanoma_jax.evaluation import calibration
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
@@ -37,7 +38,7 @@ class FittedEnsemble:
   fold_steps: Tuple[int, ...]  # Best checkpoint step of each fold model whose outputs the stages saw.
   projections: Tuple[context_lib.StyleProjection, ...]
   stages: Dict[str, fusion.Stage]
-  calibrator: fusion.Calibrator
+  calibrator: calibration.PlattCalibrator
   version: int = VERSION
 
   def predict(self, table, per_fold):

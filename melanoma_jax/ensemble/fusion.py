@@ -18,7 +18,8 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
 from melanoma_jax.ensemble import context as context_lib
-from melanoma_jax.tabular import balance, features
+from melanoma_jax.evaluation import calibration
+from melanoma_jax.tabular import features
 from melanoma_jax.utils.errors import InputError
 
 IMAGE_COLUMNS = ("image_logit",) + context_lib.FEATURES
@@ -54,7 +55,7 @@ STAGES = {"tabular": Inputs(image=False, tabular=True), "image_context": Inputs(
 
 def image_block(probabilities, context):
   """[rows, IMAGE_COLUMNS] of image probabilities and their context frame (context.image_context)."""
-  logits = context_lib.logit(probabilities)
+  logits = calibration.logit(probabilities)
   return np.concatenate([logits[:, None], context[list(context_lib.FEATURES)].to_numpy(np.float64)], axis=1)
 
 
@@ -109,17 +110,7 @@ def stage_oof(inputs, candidate, table, images, targets, fold_ids, seed=0):
   return fit_oof(fit_predict, fold_ids)
 
 
-class Calibrator:
-  """Platt scaling of a stage's scores: p = sigmoid(a * logit(score) + b), fitted by maximum likelihood."""
-
-  def __init__(self, scores, targets):
-    self.a, self.b = balance.fit_platt(context_lib.logit(scores), targets)
-
-  def __call__(self, scores):
-    z = self.a * context_lib.logit(scores) + self.b
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def calibrate_oof(scores, targets, fold_ids):
-  """Out-of-fold calibrated probabilities: fold k's scores through a calibrator fitted on the other folds."""
-  return fit_oof(lambda train, apply: Calibrator(scores[train], targets[train])(scores[apply]), fold_ids)
+  """Out-of-fold calibrated probabilities: fold k's scores through a Platt calibrator fitted on the other folds."""
+  return fit_oof(lambda train, apply: calibration.PlattCalibrator.fit(scores[train], targets[train])(scores[apply]),
+                 fold_ids)

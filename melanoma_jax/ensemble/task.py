@@ -34,11 +34,12 @@ from melanoma_jax.data import sources
 from melanoma_jax.ensemble import context as context_lib
 from melanoma_jax.ensemble import embed, fusion
 from melanoma_jax.ensemble import fitted as fitted_lib
+from melanoma_jax.evaluation import calibration, clinical, metrics
 from melanoma_jax.image import data as image_data
 from melanoma_jax.image import setup
 from melanoma_jax.image import task as image_task
 from melanoma_jax.training import checkpoint as checkpoint_lib
-from melanoma_jax.training import distributed, identity, metrics
+from melanoma_jax.training import distributed, identity
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.results import write_results
@@ -167,7 +168,6 @@ def _write_tables(workdir, oof_df, test_stages):
 
 def _write_report(workdir, oof_df, train_df, seed):
   """The clinical report of the out-of-fold predictions (stages image / tabular / fused, fused calibrated)."""
-  from melanoma_jax.training import clinical  # pylint: disable=g-import-not-at-top
   if not distributed.is_primary():
     return None
   table = oof_df.merge(train_df[["image_name", *clinical.CONTEXT_COLUMNS]], on="image_name", how="left")
@@ -206,7 +206,7 @@ def train(config, workdir, start_time=None):
   fused = fusion.calibrate_oof(oof["fusion"], y, fold_ids)
   final = fitted_lib.FittedEnsemble(folds=tuple(o.fold for o in per_fold), fold_steps=tuple(o.step for o in per_fold),
                                     projections=projections, stages=stages,
-                                    calibrator=fusion.Calibrator(oof["fusion"], y))
+                                    calibrator=calibration.PlattCalibrator.fit(oof["fusion"], y))
   # The test rows go through the same FittedEnsemble.predict as new image files (the predict command).
   test_pred = final.predict(test_df, per_fold_test)
   test_image_probs, test_fused = test_pred["pred_image"].to_numpy(), test_pred["prediction"].to_numpy()

@@ -19,14 +19,14 @@ import pandas as pd
 from absl import logging
 
 from melanoma_jax.data import pipeline as pipeline_lib
+from melanoma_jax.evaluation import clinical, metrics, roc
 from melanoma_jax.image import data as data_lib
 from melanoma_jax.image import setup
 from melanoma_jax.training import checkpoint as checkpoint_lib
-from melanoma_jax.training import clinical
 from melanoma_jax.training import distributed, identity
-from melanoma_jax.training import loop, metrics, predict as predict_lib, reporting, steps
+from melanoma_jax.training import loop, predict as predict_lib, reporting, steps
 from melanoma_jax.training import state as state_lib
-from melanoma_jax.utils import files, plots
+from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.results import write_results
 
@@ -229,16 +229,14 @@ def predict(config, workdir, prepared=None, p_predict=None):
 
   oof_path, submission_path, roc_path = (os.path.join(workdir, n) for n in ("oof.csv", "submission.csv",
                                                                             "roc.png"))
+  auc = metrics.roc_auc(oof["target"], oof["prediction"])  # The same in every process.
   if distributed.is_primary():  # Every process holds every prediction; one writes them.
     files.write_csv(oof, oof_path)
     files.write_csv(submission, submission_path)
-    with files.atomic_path(roc_path) as tmp:
-      auc = plots.save_roc(oof["target"], oof["prediction"], tmp,
-                           title=f"Validation fold {run.fold} (epoch {meta['epoch']})")
+    roc.save_roc(oof["target"], oof["prediction"], roc_path,
+                 title=f"Validation fold {run.fold} (epoch {meta['epoch']})")
     clinical.write_report(workdir, clinical.with_context(oof, split.val_df), {"image": "prediction"},
                           f"Image model, validation fold {run.fold} (epoch {meta['epoch']})")
-  else:
-    auc = metrics.roc_auc(oof["target"], oof["prediction"])
   report_path = os.path.join(workdir, "report.html")
   logging.info("best checkpoint (epoch %d): validation AUC %.4f%s; wrote %s, %s, %s", meta["epoch"], auc,
                " with flip TTA" if run.tta else "", submission_path, oof_path, roc_path)

@@ -8,7 +8,7 @@ WORKDIR/tensorboard/fold_K and stops with exit 3 on a non-finite loss. It writes
   submission.csv  image_name,target  (mean of the fold models' probabilities, every test.csv row)
   results.json    oof_auc, fold_aucs, patient_context, wall_seconds, per-fold details, config, versions
   roc.png         the out-of-fold ROC curve
-  report.html/.json  the clinical report of the out-of-fold predictions (training/clinical.py)
+  report.html/.json  the clinical report of the out-of-fold predictions (evaluation/clinical.py)
 An empty `config.data_dir` means the real ISIC 2020 CSVs embedded in the package.
 """
 import dataclasses
@@ -24,13 +24,13 @@ from absl import logging
 from melanoma_jax import models
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import metadata
+from melanoma_jax.evaluation import calibration, clinical, metrics, roc
 from melanoma_jax.tabular import balance, features
 from melanoma_jax.training import checkpoint as checkpoint_lib
-from melanoma_jax.training import clinical
 from melanoma_jax.training import identity
-from melanoma_jax.training import loop, losses, metrics, predict as predict_lib, reporting, steps
+from melanoma_jax.training import loop, losses, predict as predict_lib, reporting, steps
 from melanoma_jax.training import state as state_lib
-from melanoma_jax.utils import files, plots
+from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.results import write_results
 
@@ -91,10 +91,6 @@ def epoch_batches(x, y, global_batch, rng):
   """(sharded batch, None) of every row once in a shuffled order; the last batch padded with mask 0."""
   order = rng.permutation(len(x))
   return predict_lib.array_batches(x[order], global_batch, y=y[order])
-
-
-def _sigmoid(z):
-  return 1.0 / (1.0 + np.exp(-z))
 
 
 class _Trainer:
@@ -187,13 +183,13 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, workdir):
   test_logits = trainer.logits(state, preprocessor.transform(test_df), f"fold {fold} test rows")
   if config.calibrate:
     train_logits = trainer.logits(state, preprocessor.transform(train_df), f"fold {fold} training rows")
-    a, b = balance.fit_platt(train_logits, train_df["target"].to_numpy())
+    a, b = calibration.fit_platt(train_logits, train_df["target"].to_numpy())
     details["calibration"] = {"a": a, "b": b}
     logging.info("fold %d: Platt scaling on its %d training rows: p = sigmoid(%.3f * logit %+.3f)", fold,
                  len(train_df), a, b)
     val_logits, test_logits = a * val_logits + b, a * test_logits + b
   details["feature_columns"] = list(preprocessor.columns)
-  return _sigmoid(val_logits), _sigmoid(test_logits), details
+  return calibration.sigmoid(val_logits), calibration.sigmoid(test_logits), details
 
 
 def train(config, workdir, start_time=None):
@@ -231,8 +227,7 @@ def train(config, workdir, start_time=None):
   files.write_csv(pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}),
                   os.path.join(workdir, "submission.csv"))
   context = "with" if config.patient_context else "without"
-  with files.atomic_path(os.path.join(workdir, "roc.png")) as tmp:
-    plots.save_roc(targets, oof, tmp, f"Tabular MLP, out-of-fold ({context} patient context)")
+  roc.save_roc(targets, oof, os.path.join(workdir, "roc.png"), f"Tabular MLP, out-of-fold ({context} patient context)")
   report = clinical.write_report(workdir, clinical.with_context(oof_table, train_df), {"tabular": "prediction"},
                                  f"Tabular MLP, out-of-fold ({context} patient context"
                                  f"{', Platt-calibrated' if config.calibrate else ''})")

@@ -26,7 +26,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from melanoma_jax.training import metrics
+from melanoma_jax.evaluation import clinical_html
+from melanoma_jax.evaluation import metrics
 from melanoma_jax.utils import files
 
 # Haenssle et al., Ann Oncol 2018;29:1836-1842: 58 dermatologists' mean on 100 dermoscopic images.
@@ -275,7 +276,6 @@ def write_report(workdir, table, stages, title, calibrated=None, seed=0, resampl
   `table`: image_name, patient_id, target and optionally sex, age_approx, anatom_site_general_challenge;
   `stages`: stage name -> column of probabilities; `calibrated`: stage name -> column of calibrated ones.
   """
-  from melanoma_jax.training import clinical_html  # pylint: disable=g-import-not-at-top
   calibrated = dict(calibrated or {})
   needed = ["image_name", "patient_id", "target", *stages.values(), *calibrated.values()]
   missing = [c for c in needed if c not in table.columns]

@@ -1,4 +1,4 @@
-"""report.html of a clinical report (training/clinical.py): one file, readable offline.
+"""report.html of a clinical report (evaluation/clinical.py): one file, readable offline.
 
 Plots are inline SVG drawn from the report dict itself, the CSS is inline and nothing is linked, so the
 file can be mailed or archived alone and shows exactly the numbers of report.json.
