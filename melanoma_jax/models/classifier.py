@@ -128,3 +128,12 @@ def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
   params = dict(abstract["params"])
   params["head"] = _replace_tree(abstract["params"]["head"], head["params"], "params/head")
   return with_pretrained_backbone({**abstract, "params": params}, backbone_variables)
+
+
+def build(*, dtype: Any = jnp.float32, head_sizes: Sequence[int] = (512, 256, 64, 16), dropout_rate: float = 0.1,
+          remat: bool = False, bn_axis_name: Optional[str] = None,
+          kernels: Union[str, Kernels] = "auto") -> MelanomaClassifier:
+  """The melanoma classifier (InceptionResNetV2 + `Head`) from plain values (`models.build_model`'s
+  "inception_resnet_v2")."""
+  return MelanomaClassifier(head_sizes=tuple(head_sizes), dropout_rate=float(dropout_rate), dtype=dtype,
+                            remat=bool(remat), bn_axis_name=bn_axis_name, kernels=kernels)

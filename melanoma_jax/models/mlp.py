@@ -16,3 +16,8 @@ class MLP(nn.Module):
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(1)(x)[..., 0]
+
+
+def build(*, hidden_sizes: Sequence[int] = (512, 256, 128, 32), dropout_rate: float = 0.1) -> MLP:
+  """The tabular MLP from plain values (`models.build_model`'s "mlp")."""
+  return MLP(hidden_sizes=tuple(hidden_sizes), dropout_rate=float(dropout_rate))

@@ -54,3 +54,9 @@ class TinyClassifier(nn.Module):
     self.sow("intermediates", "embedding", x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(1, dtype=self.dtype, name="head")(x)[..., 0].astype(jnp.float32)
+
+
+def build(*, dtype: Any = jnp.float32, dropout_rate: float = 0.1, bn_axis_name: Optional[str] = None,
+          kernels: Union[str, Kernels] = "auto") -> TinyClassifier:
+  """The tiny classifier from plain values (`models.build_model`'s "tiny")."""
+  return TinyClassifier(dropout_rate=float(dropout_rate), dtype=dtype, bn_axis_name=bn_axis_name, kernels=kernels)
