@@ -61,34 +61,6 @@ def _setup_jax(cache_dir):
                jax.local_devices()[0].platform, jax.process_count())
 
 
-def _task(name):
-  """The task module of `config.task`: train(config, workdir, start_time), predict(...), train_table(...)."""
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  if name == "image":
-    from melanoma_jax.image import task  # pylint: disable=g-import-not-at-top
-  elif name == "tabular":
-    from melanoma_jax.tabular import task  # pylint: disable=g-import-not-at-top
-  elif name == "ensemble":
-    from melanoma_jax.ensemble import task  # pylint: disable=g-import-not-at-top
-  else:
-    raise InputError(f"config.task={name!r} must be 'image', 'tabular' or 'ensemble'")
-  return task
-
-
-def run_data_steps(task, config, workdir):
-  """Leakage check, folds and (image task, empty data_dir) synthetic generation; no training."""
-  from melanoma_jax.data import folds  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.utils.results import write_results  # pylint: disable=g-import-not-at-top
-  train_df = task.train_table(config, workdir)
-  fold_ids = folds.assign_folds(train_df, int(config.num_folds), int(config.seed))
-  summary = folds.fold_summary(train_df, fold_ids)
-  logging.info("patient-grouped folds:\n%s", summary.to_string())
-  # data.json, not results.json: a data-only run must leave a trained run's results alone.
-  write_results(workdir, {"mode": "data", "images": len(train_df), "malignant": int(train_df["target"].sum()),
-                          "patients": int(train_df["patient_id"].nunique()),
-                          "folds": summary.reset_index().to_dict("records")}, config, name="data.json")
-
-
 def main(argv):
   del argv
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
@@ -105,10 +77,10 @@ def main(argv):
     distributed.prefix_log_lines(logging.get_absl_handler())
     with workdir_lib.lock(workdir):
       _setup_jax(FLAGS.jax_cache_dir)
-      task = _task(config.task)
-      _refuse_single_process_tasks(config.task)
+      from melanoma_jax import tasks  # pylint: disable=g-import-not-at-top
+      task = tasks.task_module(config.task)
       if FLAGS.mode == "data":
-        run_data_steps(task, config, workdir)
+        tasks.prepare_data(config.task, config, workdir)
       elif FLAGS.mode == "predict":
         task.predict(config, workdir)
       else:
@@ -123,16 +95,6 @@ def main(argv):
     print(f"{_error_prefix(multi)}error: {type(e).__name__}: {e}", file=sys.stderr)
     _exit(1, multi)
   print(f"done in {time.time() - start:.0f} s; outputs in {os.path.abspath(workdir)}")
-
-
-def _refuse_single_process_tasks(name):
-  from melanoma_jax.training import distributed  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  # The ensemble's own stages are written process-0 aware but have not been run across processes: refused
-  # until they are (its image folds, `config.task='image'` runs, can be trained across processes alone).
-  if name in ("tabular", "ensemble") and distributed.process_count() > 1:
-    raise InputError(f"config.task={name!r} runs in one process; drop --coordinator_address, "
-                     "--num_processes, --process_id and --distributed")
 
 
 def _error_prefix(multi):

@@ -3,7 +3,7 @@
 Three ways to get probabilities for a batch of encoded JPEGs from the same network (MelanomaClassifier:
 InceptionResNetV2 + the 512-256-64-16 head, random weights, inference mode, no TTA):
 * jax: what `python -m melanoma_jax.predict` runs per batch: each JPEG through `images.Reader` (the pipeline's
-  decode, resize and scaling), then `loading.Predictor.predict` (the run's pmapped predict step);
+  decode, resize and scaling), then `image.TrainedModel.score` (the run's pmapped predict step);
 * saved_model: the SavedModel `python -m melanoma_jax.export` writes (jax2tf, lowered for the CPU),
   loaded with `tf.saved_model.load` and called on the JPEG bytes (decoding inside the graph);
 * keras: `keras.applications.InceptionResNetV2(include_top=False, weights=None, pooling='avg')` + the same
@@ -49,19 +49,23 @@ def jpeg_batch(global_batch, size):
 
 def contenders(args, jpegs, workdir):
   """{name: one batch -> probabilities}, each already run once; and the first calls' seconds."""
-  from melanoma_jax.inference import images, loading, tf_export  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.models import build_model  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
+  from configs import image as image_config  # pylint: disable=g-import-not-at-top
+  from melanoma_jax import image  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.image import setup  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import images, tf_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
   tf_ = tf()
-  model = build_model("inception_resnet_v2", bn_axis_name=steps.AXIS)
-  predictor = loading.Predictor(model=model, variables=common.filled_variables(model, args.size),
-                                image_size=args.size, tta=False, global_batch=args.global_batch)
+  config = image_config.get_config()
+  config.image_size, config.global_batch_size, config.tta = args.size, args.global_batch, False
+  run = setup.resolve(config)
+  model = run.build_model()
+  # The predict command's own path (image.TrainedModel.score) with filled weights instead of a checkpoint.
+  predictor = image.TrainedModel("", run, model, common.filled_variables(model, args.size), 0, 0)
   reader = images.Reader(args.size)
 
   def jax_path():
-    return predictor.predict(images.stack([reader.decode(b) for b in jpegs], args.size))
+    return predictor.score(images.stack([reader.decode(b) for b in jpegs], args.size)).probabilities
 
   start = time.perf_counter()
   tf_export.export(predictor, os.path.join(workdir, "saved_model"), {"benchmark": True}, platforms=("cpu",))

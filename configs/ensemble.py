@@ -19,6 +19,6 @@ def get_config():
   config.ensemble = ml_collections.ConfigDict()
   # Model families of each second stage (fusion.CANDIDATES); each stage keeps the best out-of-fold AUC.
   config.ensemble.candidates = ("hgb", "logistic")
-  # Directions of the patients' "style" the image context measures distances in (context.style_coordinates).
+  # Directions of the patients' "style" the image context measures distances in (context.fit_style).
   config.ensemble.style_components = 8
   return config

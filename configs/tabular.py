@@ -26,7 +26,7 @@ def get_config():
   config.patient_context = True  # Per-patient "ugly duckling" features from the same table (no targets).
   config.smote = True  # SMOTE the training folds to 1:1; validation and test rows are never synthesised.
   # 10, not imblearn's 5: with mostly one-hot features, 5 nearest malignant neighbours are often copies of the
-  # row, so SMOTE mostly duplicates; out-of-fold AUC on the real data, seed features: k=5 0.6791, 10 0.6810.
+  # row, so SMOTE mostly duplicates (docs/tabular.md).
   config.smote_k_neighbors = 10
   # Platt-scale each fold model on its own original training rows, so outputs are probabilities at the real
   # malignant rate (SMOTE and class weights move them) and fold models are comparable when pooled/averaged.

@@ -23,9 +23,11 @@ def run(workdir, out, platforms=("cpu", "cuda")):
   from melanoma_jax.inference import loading, tf_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
   outputs.check_writable(os.path.abspath(out), tf_export.MARKER, "--out")  # Before the slow load.
-  predictor = loading.load_predictor(workdir)
-  return tf_export.export(predictor, out, {"workdir": os.path.abspath(workdir),
-                                           "model": predictor.description}, platforms)
+  if loading.kind_of(workdir) == loading.ENSEMBLE:
+    raise loading.one_model_only(workdir, "a SavedModel export")
+  trained = loading.load_predictor(workdir)
+  return tf_export.export(trained, out, {"workdir": os.path.abspath(workdir), "model": trained.description},
+                          platforms)
 
 
 def main(argv):

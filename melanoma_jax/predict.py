@@ -43,6 +43,7 @@ def saliency_path(folder, name):
 def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn):
   """Rows {image, probability, error} for `paths`, in order; saliency PNGs into `saliency_dir` if set.
 
+  `predictor`: an `image.TrainedModel` or an ensemble's predictor (`inference.loading.load_predictor`).
   `metadata`: an ensemble's --metadata table (`predictor.read_metadata`): the rows also get pred_image and
   pred_fused, and probability is pred_fused (fusion needs every image of a patient, so it runs once all
   files are read; only the fold models' probabilities and embeddings are kept meanwhile).
@@ -68,9 +69,9 @@ def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_w
     x = images_lib.stack(arrays, predictor.image_size)
     if metadata is not None:
       if len(x):
-        kept.append((readable, predictor.embed(x)))
+        kept.append((readable, predictor.score_folds(x)))
     else:
-      probs = predictor.predict(x) if len(x) else []
+      probs = predictor.score(x).probabilities if len(x) else []
       for row_index, prob in zip(readable, probs):
         rows[row_index]["probability"] = float(prob)
     if saliency_dir and len(x):
@@ -95,8 +96,8 @@ def _fuse(predictor, rows, kept, metadata):
   if not kept:
     return
   indices = [i for readable, _ in kept for i in readable]
-  per_fold = [(np.concatenate([outs[k][0] for _, outs in kept]), np.concatenate([outs[k][1] for _, outs in kept]))
-              for k in range(len(kept[0][1]))]
+  per_fold = [(np.concatenate([outs[k].probabilities for _, outs in kept]),
+               np.concatenate([outs[k].embeddings for _, outs in kept])) for k in range(len(kept[0][1]))]
   fused = predictor.fuse([rows[i]["image"] for i in indices], per_fold, metadata)
   for i, pred_image, pred_fused, error in zip(indices, fused["pred_image"], fused["pred_fused"], fused["error"]):
     rows[i]["pred_image"] = float(pred_image)
@@ -127,13 +128,15 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   if os.path.isdir(out):
     raise InputError(f"--out={out}: is a folder; give a CSV file name")
   paths = images_lib.list_images(images_dir)
+  kind = loading.kind_of(workdir)  # Every refusal below comes before the slow load.
   if saliency_dir:
     outputs.check_writable(saliency_dir, SALIENCY_MARKER, "--saliency")
-    if loading.task_of(workdir) == "ensemble":  # Before the slow load.
-      from melanoma_jax.inference import ensemble  # pylint: disable=g-import-not-at-top
-      raise ensemble.one_model_only(workdir, "saliency maps")
+    if kind == loading.ENSEMBLE:
+      raise loading.one_model_only(workdir, "saliency maps")
+  if metadata and kind != loading.ENSEMBLE:
+    raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
   predictor = loading.load_predictor(workdir, tta=tta)
-  # Only ensembles fuse metadata: refused (or read and checked) before any image is read.
+  # Only ensembles fuse metadata: read and checked before any image is read.
   table = predictor.read_metadata(metadata) if metadata else None
   if saliency_dir:
     outputs.claim(saliency_dir, SALIENCY_MARKER, "--saliency", {"workdir": os.path.abspath(workdir)})

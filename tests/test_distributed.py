@@ -43,13 +43,31 @@ def _env(devices, **extra):
               **extra)
 
 
-def _start(workdir, data_dir, *extra, num_processes=2, env=None):
-  """Popens of the processes of one run, their stderr to WORKDIR.p<i>.log."""
+# main.py with the image task's per-epoch read log (a DEBUG logger, off by default) sent to the folder argv[1].
+_LOGGING_MAIN = """
+import logging, os, runpy, sys
+folder = sys.argv.pop(1)
+os.makedirs(folder, exist_ok=True)
+handler = logging.FileHandler(os.path.join(folder, f"reads.{os.getpid()}.log"))
+reads = logging.getLogger("melanoma_jax.image.reads")
+reads.addHandler(handler)
+reads.setLevel(logging.DEBUG)
+reads.propagate = False
+sys.argv[0] = "main.py"
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+def _start(workdir, data_dir, *extra, num_processes=2, env=None, reads=None, config="configs/demo.py",
+           run=tuple(RUN)):
+  """Popens of the processes of one run, their stderr to WORKDIR.p<i>.log; `reads`: a folder for the
+  image task's read log."""
   port = _free_port()
   procs = []
   for i in range(num_processes):
-    cmd = [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}",
-           f"--config.data_dir={data_dir}", *RUN, *extra,
+    launcher = ["-c", _LOGGING_MAIN, str(reads)] if reads else ["main.py"]
+    cmd = [sys.executable, *launcher, f"--config={config}", f"--workdir={workdir}",
+           f"--config.data_dir={data_dir}", *run, *extra,
            f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={i}"]
     log = open(f"{workdir}.p{i}.log", "w")  # pylint: disable=consider-using-with
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env or _env(2), stdout=subprocess.DEVNULL, stderr=log))
@@ -63,15 +81,15 @@ def _finish(workdir, procs, timeout=300):
   return codes, [open(f"{workdir}.p{i}.log").read() for i in range(len(procs))]
 
 
-def _two_processes(workdir, data_dir, *extra, env=None):
-  return _finish(workdir, _start(workdir, data_dir, *extra, env=env))
+def _two_processes(workdir, data_dir, *extra, env=None, reads=None, **kwargs):
+  return _finish(workdir, _start(workdir, data_dir, *extra, env=env, reads=reads, **kwargs))
 
 
 @pytest.fixture(scope="module")
 def two_process_run(data_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp("two")
   workdir, reads = base / "run", base / "reads"
-  codes, logs = _two_processes(workdir, data_dir, env=_env(2, MELANOMA_JAX_READ_LOG=str(reads)))
+  codes, logs = _two_processes(workdir, data_dir, reads=reads)
   assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
   return workdir, reads, logs
 
@@ -129,14 +147,25 @@ def test_one_process_predicts_the_same_from_the_checkpoint(two_process_run, one_
                              pd.read_csv(two_process_run[0] / "submission.csv")["target"], atol=1e-5)
 
 
+def _read_log(folder):
+  """{(epoch, process): [image names]} of the read logs in `folder`."""
+  read = {}
+  for path in folder.glob("reads.*.log"):
+    for line in path.read_text().splitlines():
+      words = line.split()  # "epoch E process P read NAME NAME ..."
+      read[(int(words[1]), int(words[3]))] = words[5:]
+  return read
+
+
 def test_each_training_image_is_read_by_one_process_per_epoch(two_process_run, data_dir):
-  reads = two_process_run[1]
+  log = _read_log(two_process_run[1])
   train = set(pd.read_csv(os.path.join(data_dir, "train.csv"))["image_name"]) - _validation_names(data_dir)
+  assert sorted(log) == [(e, p) for e in range(2) for p in range(2)]
   for epoch in range(2):
-    read = [set((reads / f"reads.epoch{epoch}.process{p}.txt").read_text().split()) for p in range(2)]
+    read = [set(log[(epoch, p)]) for p in range(2)]
     assert read[0] and read[1] and not read[0] & read[1]
     assert read[0] | read[1] <= train
-    assert (reads / f"reads.epoch{epoch}.process0.txt").read_text().count("\n") == 3 * 4  # Steps x local batch.
+    assert len(log[(epoch, 0)]) == 3 * 4  # Steps x local batch.
 
 
 def test_process_shares_partition_the_training_records(data_dir):
@@ -194,3 +223,77 @@ def test_an_error_ends_every_process(data_dir, tmp_path):
   # a few seconds later: then JAX ends it, saying why.
   assert ("[process 1/2] error: config.fold=7 must be in [0, config.num_folds=5)" in logs[1]
           or "another task died" in logs[1]), logs[1][-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ensemble and the tabular task across processes.
+
+ENSEMBLE = ["--config.model.name=tiny", "--config.image_size=75", "--config.num_folds=2", "--config.num_epochs=1",
+            "--config.freeze_backbone_epochs=0", "--config.per_device_batch_size=2",
+            "--config.max_steps_per_epoch=3", "--config.ensemble.candidates=('logistic',)", "--jax_cache_dir="]
+
+
+@pytest.fixture(scope="module")
+def two_process_ensemble(data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ensemble2") / "ens"
+  codes, logs = _two_processes(workdir, data_dir, config="configs/ensemble_demo.py", run=tuple(ENSEMBLE))
+  assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+  return workdir, logs
+
+
+def _max_difference(a, b, columns):
+  assert list(a["image_name"]) == list(b["image_name"])
+  return max(float(np.abs(a[c].to_numpy(float) - b[c].to_numpy(float)).max()) for c in columns)
+
+
+def test_a_two_process_ensemble_equals_a_one_process_ensemble_of_its_folds(two_process_ensemble, data_dir,
+                                                                         tmp_path):
+  """Every fold trains across both processes; the stages after it run alike in both; process 0 writes.
+
+  The one-process run (4 devices) reuses the two-process run's fold checkpoints (the processes' training
+  shares make a different stream than one process reading everything) but scores every fold's images again
+  and refits every stage: the same oof.csv, submission.csv and test_stages.csv. Largest difference seen:
+  0 (tiny model, float32; scores are gathered in table order, whatever the process count).
+  """
+  workdir, logs = two_process_ensemble
+  auc_lines = [[line.split("]", 2)[-1] for line in log.splitlines() if "out-of-fold AUC:" in line] for log in logs]
+  assert auc_lines[0] and auc_lines[0] == auc_lines[1]  # Both processes computed the same stages.
+  assert not [p.name for p in workdir.rglob("*") if ".tmp" in p.name]
+  results = json.loads((workdir / "results.json").read_text())
+  for fold in range(2):
+    fold_results = json.loads((workdir / f"fold_{fold}" / "results.json").read_text())
+    assert fold_results["processes"] == 2 and fold_results["devices"] == 4
+  one = tmp_path / "one"
+  shutil.copytree(workdir, one)
+  for fold in range(2):
+    (one / f"fold_{fold}" / "scores.npz").unlink()
+  cmd = [sys.executable, "main.py", "--config=configs/ensemble_demo.py", f"--workdir={one}",
+         f"--config.data_dir={data_dir}", *ENSEMBLE]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("not training again") == 2 and "reusing" not in proc.stderr  # Scored again.
+  columns = {"oof.csv": ["prediction", "pred_image", "pred_tabular", "pred_image_context", "pred_fusion"],
+             "submission.csv": ["target"], "test_stages.csv": ["prediction", "pred_image", "pred_fusion"]}
+  for name, cols in columns.items():
+    assert _max_difference(pd.read_csv(workdir / name), pd.read_csv(one / name), cols) <= 1e-6, name
+  assert json.loads((one / "results.json").read_text())["stage_oof_auc"] == pytest.approx(
+      results["stage_oof_auc"], abs=1e-9)
+
+
+def test_a_two_process_tabular_run_equals_a_one_process_run(data_dir, tmp_path):
+  """Every process trains the same fold models within its own devices; process 0 alone writes."""
+  run = ("--config.num_folds=2", "--config.num_epochs=3", "--config.early_stopping_start_epoch=1",
+         "--config.early_stopping_patience=1", "--config.smote=False", "--config.per_device_batch_size=16",
+         "--config.hidden_sizes=(16,)", "--jax_cache_dir=")
+  two = tmp_path / "two"
+  codes, logs = _two_processes(two, data_dir, config="configs/tabular.py", run=run)
+  assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+  one = tmp_path / "one"
+  cmd = [sys.executable, "main.py", "--config=configs/tabular.py", f"--workdir={one}",
+         f"--config.data_dir={data_dir}", *run]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("oof.csv", "submission.csv"):
+    pd.testing.assert_frame_equal(pd.read_csv(two / name), pd.read_csv(one / name), check_exact=True)
+  assert json.loads((two / "results.json").read_text())["oof_auc"] == json.loads(
+      (one / "results.json").read_text())["oof_auc"]

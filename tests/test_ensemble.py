@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from sklearn import metrics as sk_metrics
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
@@ -17,9 +18,10 @@ from configs import ensemble_demo
 from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import metadata, records, synthetic
-from melanoma_jax.ensemble import context, embed, fitted, fusion, task
-from melanoma_jax.inference import ensemble as inference_ensemble
-from melanoma_jax.inference import tf_export
+from melanoma_jax import export as export_cli
+from melanoma_jax import image
+from melanoma_jax.ensemble import context, fitted, fusion, task
+from melanoma_jax.ensemble import outputs as outputs_lib
 from melanoma_jax.image import data as image_data
 from melanoma_jax.evaluation import calibration, metrics
 from melanoma_jax.utils import files
@@ -159,7 +161,7 @@ def test_a_folds_stage_and_calibration_ignore_its_own_targets(monkeypatch):
 
 def _outputs(fold, names, probs, dims=2):
   names = np.asarray(names, str)
-  return embed.FoldOutputs(fold, names, np.asarray(probs, float), np.zeros((len(names), dims), np.float32),
+  return outputs_lib.FoldOutputs(fold, names, np.asarray(probs, float), np.zeros((len(names), dims), np.float32),
                            np.zeros(0, str), np.zeros(0), np.zeros((0, dims), np.float32))
 
 
@@ -174,15 +176,15 @@ def test_out_of_fold_image_outputs_come_from_the_model_that_never_saw_the_patien
     assert set(split.val_df["image_name"]) == set(names[fold_ids == fold])
     assert not set(split.train_df["patient_id"]) & set(split.val_df["patient_id"])
   per_fold = [_outputs(k, names[fold_ids == k][::-1], np.full((fold_ids == k).sum(), k / 10)) for k in range(3)]
-  probs, _, source = embed.place_out_of_fold(list(names), fold_ids, per_fold)
+  probs, _, source = outputs_lib.place_out_of_fold(list(names), fold_ids, per_fold)
   np.testing.assert_array_equal(source, fold_ids)
   np.testing.assert_allclose(probs, fold_ids / 10)
   stray = [per_fold[0], _outputs(1, list(names[fold_ids == 1]) + [names[fold_ids == 0][0]],
                                  np.zeros((fold_ids == 1).sum() + 1)), per_fold[2]]
   with pytest.raises(InputError, match="fold 1"):
-    embed.place_out_of_fold(list(names), fold_ids, stray)
+    outputs_lib.place_out_of_fold(list(names), fold_ids, stray)
   with pytest.raises(InputError, match="no out-of-fold output"):
-    embed.place_out_of_fold(list(names), fold_ids, per_fold[:2])
+    outputs_lib.place_out_of_fold(list(names), fold_ids, per_fold[:2])
 
 
 def test_fold_configs_are_image_runs_on_the_shared_data():
@@ -237,7 +239,7 @@ def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv):
   per_fold = []
   for k in range(4):
     model = LogisticRegression(C=0.1, max_iter=2000).fit(features[fold_ids != k], y[fold_ids != k])
-    per_fold.append(embed.FoldOutputs(
+    per_fold.append(outputs_lib.FoldOutputs(
         k, train_df["image_name"].to_numpy()[fold_ids == k], model.predict_proba(features[fold_ids == k])[:, 1],
         features[fold_ids == k], test_df["image_name"].to_numpy(), model.predict_proba(test_features)[:, 1],
         test_features))
@@ -291,8 +293,8 @@ def test_main_ensemble_demo_tiny_end_to_end(ensemble_run):
     in_fold = oof[oof["fold"] == fold]
     assert not set(in_fold["patient_id"]) & set(oof.loc[oof["fold"] != fold, "patient_id"])
   assert (workdir / "report.html").exists() and (workdir / "report.json").exists()
-  # A finished ensemble rerun (an ensemble from before fusion.pkl existed) refits the stages from the folds'
-  # cached outputs and writes fusion.pkl, the same test predictions and its hash.
+  # A finished ensemble rerun (here: one whose fitted stages were deleted) refits the stages from the folds'
+  # kept scores and writes the fitted stages again, the same test predictions and its hash.
   test_stages = pd.read_csv(workdir / "test_stages.csv")
   (workdir / fitted.FILE).unlink()
   again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -300,6 +302,63 @@ def test_main_ensemble_demo_tiny_end_to_end(ensemble_run):
   assert again.stderr.count("not training again") == 2 and "reusing" in again.stderr
   assert json.loads((workdir / "results.json").read_text())["fusion_sha256"] == files.sha256(workdir / fitted.FILE)
   pd.testing.assert_frame_equal(pd.read_csv(workdir / "test_stages.csv"), test_stages)
+
+
+def _rates(y, p, threshold):
+  """(sensitivity, specificity) when probability >= threshold is called malignant (None: nothing is)."""
+  positive = p >= (np.inf if threshold is None else threshold)
+  return positive[y].mean(), (~positive[~y]).mean()
+
+
+def test_ensemble_report_figures_are_those_of_oof_csv(ensemble_run):
+  """Every figure a reader of report.json acts on, recomputed from oof.csv (the predictions users get) with
+  sklearn and numpy: a report built from other rows, columns or a mis-thresholded ROC would differ."""
+  workdir = ensemble_run[0]
+  oof = pd.read_csv(workdir / "oof.csv")
+  report = json.loads((workdir / "report.json").read_text())
+  results = json.loads((workdir / "results.json").read_text())
+  y = oof["target"].to_numpy().astype(bool)
+  assert 0 < y.sum() < len(y)
+  header = {"images": len(oof), "patients": oof["patient_id"].nunique(), "malignant": int(y.sum())}
+  assert {k: report[k] for k in header} == header
+  columns = {"image": "pred_image", "tabular": "pred_tabular", "fused": "pred_fusion"}
+  assert set(report["stages"]) == set(columns)
+  for name, stage in report["stages"].items():
+    p = oof[columns[name]].to_numpy(np.float64)
+    assert stage["column"] == columns[name] and {k: stage[k] for k in header} == header, name
+    assert stage["auc"] == pytest.approx(sk_metrics.roc_auc_score(y, p), abs=1e-12), name
+    assert stage["calibration"]["before"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-12), name
+    points = [*stage["operating_points"]["specificity_at_sensitivity"],
+              *stage["operating_points"]["sensitivity_at_specificity"]]
+    points += [d[k] for d in stage["dermatologists"]
+               for k in ("model_specificity_at_their_sensitivity", "model_sensitivity_at_their_specificity")]
+    assert len(points) == 8, name  # 3 sensitivities, 1 specificity, 2 dermatologist groups x 2.
+    for point in points:
+      sensitivity, specificity = _rates(y, p, point["threshold"])
+      assert point["sensitivity"] == pytest.approx(sensitivity, abs=1e-12), (name, point)
+      assert point["specificity"] == pytest.approx(specificity, abs=1e-12), (name, point)
+    # Each point is the best one at its target: no threshold meeting the target does better.
+    every = [_rates(y, p, t) for t in [None, *np.unique(p)]]
+    for point in stage["operating_points"]["specificity_at_sensitivity"]:
+      assert point["sensitivity"] >= point["target"] - 1e-12
+      best = max(spec for sens, spec in every if sens >= point["target"] - 1e-12)
+      assert point["specificity"] == pytest.approx(best, abs=1e-12), (name, point)
+    for point in stage["operating_points"]["sensitivity_at_specificity"]:
+      assert point["specificity"] >= point["target"] - 1e-12
+      best = max(sens for sens, spec in every if spec >= point["target"] - 1e-12)
+      assert point["sensitivity"] == pytest.approx(best, abs=1e-12), (name, point)
+  # Only the fused stage is calibrated: its "after" is the prediction column users get.
+  fused = report["stages"]["fused"]
+  assert fused["calibrated_column"] == "prediction"
+  assert [s for s in report["stages"] if "after" in report["stages"][s]["calibration"]] == ["fused"]
+  prediction = oof["prediction"].to_numpy(np.float64)
+  assert fused["calibration"]["after"]["brier"] == pytest.approx(np.mean((prediction - y) ** 2), abs=1e-12)
+  stage_columns = {"image": "pred_image", "tabular": "pred_tabular", "image_context": "pred_image_context",
+                   "fusion": "pred_fusion", "fused": "prediction"}
+  assert set(results["stage_oof_auc"]) == set(stage_columns)
+  for name, column in stage_columns.items():
+    assert results["stage_oof_auc"][name] == pytest.approx(sk_metrics.roc_auc_score(y, oof[column]), abs=1e-12)
+  assert results["report"] == {name: stage["auc"] for name, stage in report["stages"].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,8 +390,8 @@ def patient_images(ensemble_run):
 def _fold_test_probs(workdir, names):
   per_fold = []
   for fold in range(2):
-    with np.load(workdir / f"fold_{fold}" / embed.OUTPUTS_FILE) as saved:
-      per_fold.append(pd.Series(saved["test_probs"], index=saved["test_names"]).loc[names].to_numpy())
+    scores = image.load_scores(str(workdir / f"fold_{fold}")).test
+    per_fold.append(pd.Series(scores.probabilities, index=scores.names).loc[names].to_numpy())
   return np.mean(per_fold, axis=0)
 
 
@@ -381,11 +440,10 @@ def test_ensemble_refusals_are_one_line(ensemble_run, patient_images, tmp_path):
   rows.drop(columns=["age_approx"]).to_csv(meta, index=False)
   with pytest.raises(InputError, match=f"--metadata={meta}: missing column.s. age_approx$"):
     predict_cli.run(str(workdir), str(folder), str(tmp_path / "p.csv"), metadata=str(meta))
-  with pytest.raises(InputError, match=r"fusion.pkl: missing .*rerun the same main.py command"):
+  with pytest.raises(InputError, match=r"fusion.zip: missing .*rerun the same main.py command"):
     fitted.load(str(tmp_path))
-  predictor = inference_ensemble.EnsemblePredictor(str(workdir), [], None, "unfused")
   with pytest.raises(InputError, match="an ensemble workdir; a SavedModel export: one model only"):
-    tf_export.serving_module(predictor)
+    export_cli.run(str(workdir), str(tmp_path / "saved_model"))
   assert not (tmp_path / "p.csv").exists()
 
 

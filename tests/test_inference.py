@@ -21,6 +21,7 @@ from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import records
 from melanoma_jax.data.synthetic import lesions, seeding
 from melanoma_jax.inference import images, loading, saliency
+from melanoma_jax.training import identity
 from melanoma_jax.utils.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +117,80 @@ def test_saliency_maps_are_written_per_readable_image(predicted):
   assert Image.open(maps / written[0]).size[0] > 500  # Three panels side by side.
 
 
+def _panels(png, size):
+  """The figure's three image panels (image | Grad-CAM overlay | SmoothGrad), left to right: [3, size, size, 3]
+  RGB in [0, 1], one sample at the centre of each of the `size` x `size` data pixels each panel shows.
+
+  The panels are the only drawings that fill more than half of a row (the titles are sparse text) and, in
+  those rows, more than half of their columns. Matplotlib draws a 96-pixel image on about 300 screen pixels
+  by repeating pixels (upsampling by more than 3), so centre samples read back the drawn colours.
+  """
+  pixels = np.asarray(Image.open(png).convert("RGB"), np.float32) / 255.0
+  drawn = (pixels < 250 / 255).any(axis=-1)  # Not the figure's white background.
+  rows = np.flatnonzero(drawn.mean(axis=1) > 0.5)
+  columns = np.flatnonzero(drawn[rows].mean(axis=0) > 0.5)
+  runs = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+  assert len(runs) == 3 and np.all(np.diff(rows) == 1), (png, len(runs))
+  centres = (np.arange(size) + 0.5) / size
+  panels = []
+  for run in runs:
+    assert len(run) == len(rows) and np.all(np.diff(run) == 1), png  # Square, unbroken panels.
+    r = (rows[0] + centres * len(rows)).astype(int)
+    c = (run[0] + centres * len(run)).astype(int)
+    panels.append(pixels[np.ix_(r, c)])
+  return np.stack(panels)
+
+
+def _unmap(colours, cmap):
+  """The values in [0, 1] that colour map `cmap` draws as `colours` [..., 3] (its nearest of 256 colours)."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  table = colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+  norms, flat = (table ** 2).sum(axis=1), colours.reshape(-1, 3)
+  nearest = np.concatenate([(norms - 2.0 * flat[i:i + 8192] @ table.T).argmin(axis=1)  # Less |colour|^2.
+                            for i in range(0, len(flat), 8192)])  # Chunks stay in cache.
+  return (nearest / 255.0).reshape(colours.shape[:-1])
+
+
+def _correlations(a, b):
+  """[len(a), len(b)] Pearson correlations between the maps of `a` and those of `b`."""
+  a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+  a = (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)
+  b = (b - b.mean(1, keepdims=True)) / b.std(1, keepdims=True)
+  return a @ b.T / a.shape[1]
+
+
+def test_saliency_pngs_show_the_image_and_its_own_maps(workdir, image_folder, predicted):
+  """Reads the maps back out of the predict command's PNGs: the first panel is the model input, the overlay
+  minus 55% of it is the jet-coloured Grad-CAM and the third panel the magma-coloured SmoothGrad
+  (save_figure's drawing), each equal to saliency.grad_cam / smoothgrad of the same file.
+
+  SmoothGrad's noise is drawn for the whole batch, so it is recomputed on the batch the command formed: the
+  first global batch of files in sorted order (32 of the 36 test JPEGs; `ISIC_` sorts before the others).
+  """
+  maps = predicted[2]
+  predictor = loading.load_predictor(str(workdir))
+  paths = images.list_images(str(image_folder))[:predictor.global_batch]
+  reader = images.Reader(SIZE)
+  x = np.stack([reader.read(path)[0] for path in paths])  # Every file of this batch is a readable JPEG.
+  cams = np.asarray(saliency.grad_cam(predictor.model, predictor.variables, x))
+  smooth = np.asarray(saliency.smoothgrad(predictor.model, predictor.variables, x))
+  assert (cams.max(axis=(1, 2)) > 0.99).all()  # Every map has a hot region to find in the overlay.
+  shown = np.stack([_panels(predict_cli.saliency_path(str(maps), os.path.basename(p)), SIZE) for p in paths])
+  rgb = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+  np.testing.assert_allclose(shown[:, 0], rgb, rtol=0, atol=3 / 255)  # The input, not a neighbour's or rescaled.
+  shown_cams = _unmap((shown[:, 1] - 0.55 * rgb) / 0.45, "jet")  # The overlay's colour, the image taken out.
+  shown_smooth = _unmap(shown[:, 2], "magma")
+  assert np.abs(shown_cams - cams).mean() < 0.01 and np.abs(shown_smooth - smooth).mean() < 0.01
+  # Where the cam is hot the overlay is coloured hot (red, not the blue of a cold cam) over the image.
+  hot = cams > 0.8
+  assert ((shown[:, 1, ..., 0] - shown[:, 1, ..., 2])[hot] > 0.2).mean() > 0.9
+  # Not blank, and each PNG shows its own image's maps: far closer to them than to any other image's.
+  assert (shown_smooth.std(axis=(1, 2)) > 0.1).all() and (shown_cams.std(axis=(1, 2)) > 0.03).all()
+  for got, want in ((shown_cams, cams), (shown_smooth, smooth)):
+    r = _correlations(got, want)
+    assert np.diag(r).min() > 0.99 and (r - 2 * np.eye(len(r))).max() < 0.95
+
+
 def test_no_readable_image_exits_non_zero(workdir, tmp_path, capsys):
   (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
   assert predict_cli.command(str(workdir), str(tmp_path), str(tmp_path / "p.csv")) == 1
@@ -144,10 +219,10 @@ def test_refusals_are_one_line(workdir, image_folder, tmp_path):
 
 def test_config_comes_from_run_json_when_the_run_never_finished(workdir, tmp_path):
   (tmp_path / "run.json").write_text((workdir / "run.json").read_text())
-  config = loading.recorded_config(str(tmp_path))
+  config = identity.recorded_config(str(tmp_path))
   assert config.model.name == "tiny" and config.image_size == SIZE and config.tta is False
-  assert loading.recorded_config(str(workdir)).tta is False  # results.json: the demo config's setting.
-  assert loading.recorded_config(str(workdir), {"tta": True}).tta is True
+  assert identity.recorded_config(str(workdir)).tta is False  # results.json: the demo config's setting.
+  assert identity.recorded_config(str(workdir), {"tta": True}).tta is True
 
 
 def _lesion_mask(image_name, patient_id, malignant, size):

@@ -87,12 +87,12 @@ def test_predict_sees_every_row_once():
   st = _state(model)
   x = _batch(21)["x"]  # not a multiple of the global batch of 8
   p_logits = steps.p_predict(steps.make_predict_step(model, logits=True))
-  got = predict.run(p_logits, st, predict.array_batches(x, global_batch=8))["outputs"]
+  got = predict.collect(p_logits, st, predict.array_batches(x, global_batch=8))["outputs"]
   want = model.apply(state_lib.model_variables(st), x, train=False)
   assert got.shape == (21,)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   p_probs = steps.p_predict(steps.make_predict_step(model))
-  probs = predict.run(p_probs, st, predict.array_batches(x, global_batch=8))["outputs"]
+  probs = predict.collect(p_probs, st, predict.array_batches(x, global_batch=8))["outputs"]
   np.testing.assert_allclose(probs, jax.nn.sigmoid(want), rtol=1e-5, atol=1e-6)
 
 
@@ -102,7 +102,7 @@ def test_non_finite_predictions_are_named():
   st = st.replace(params=jax.tree.map(lambda p: p * np.nan, st.params))
   p_logits = steps.p_predict(steps.make_predict_step(model, logits=True))
   with pytest.raises(NonFiniteLossError, match="the probe rows: 21 of 21 outputs are NaN or inf"):
-    predict.run(p_logits, st, predict.array_batches(_batch(21)["x"], global_batch=8), "the probe rows")
+    predict.collect(p_logits, st, predict.array_batches(_batch(21)["x"], global_batch=8), "the probe rows")
 
 
 def test_checkpoint_keeps_latest_and_best(tmp_path):

@@ -16,7 +16,6 @@ EMBEDDED_TEST_CSV = EMBEDDED_DIR / "test.csv"
 
 BASE_COLUMNS = ("image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge")
 TRAIN_COLUMNS = BASE_COLUMNS + ("target",)
-OPTIONAL_TRAIN_COLUMNS = ("diagnosis", "benign_malignant")
 _STRING_COLUMNS = ("image_name", "patient_id", "sex", "anatom_site_general_challenge",
                    "diagnosis", "benign_malignant")
 

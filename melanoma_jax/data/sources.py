@@ -32,12 +32,20 @@ def _find_csv(data_dir, name):
   raise InputError(f"{os.path.join(data_dir, name)}: metadata file not found")
 
 
+def csv_paths(data_dir):
+  """(train.csv, test.csv) of `data_dir` (beside its records, or one folder up as in the Kaggle layout), or
+  of the real ISIC 2020 metadata embedded in the package when `data_dir` is ""."""
+  if not data_dir:
+    return metadata.EMBEDDED_TRAIN_CSV, metadata.EMBEDDED_TEST_CSV
+  return _find_csv(data_dir, "train.csv"), _find_csv(data_dir, "test.csv")
+
+
 def resolve(data_dir):
   """Validates the CSVs and finds the record files of `data_dir`; refuses leaking patients."""
   if not os.path.isdir(data_dir):
     raise InputError(f"{data_dir}: data directory not found")
-  train_df = metadata.load_metadata(_find_csv(data_dir, "train.csv"), "train")
-  test_df = metadata.load_metadata(_find_csv(data_dir, "test.csv"), "test")
+  train_csv, test_csv = csv_paths(data_dir)
+  train_df, test_df = metadata.load_metadata(train_csv, "train"), metadata.load_metadata(test_csv, "test")
   report = metadata.check_leakage(train_df, test_df)
   train_files = records.list_record_files(data_dir, "train")
   test_files = records.list_record_files(data_dir, "test")

@@ -26,15 +26,15 @@ IMAGE_COLUMNS = ("image_logit",) + context_lib.FEATURES
 
 
 def _hgb(seed):
-  # Shallow, slow and leafy-regularised: the real metadata's 584 malignant rows overfit deeper trees
-  # (out-of-fold AUC, tabular inputs: depth 3 0.7928, 15 leaves 0.7880).
+  # Shallow, slow and leaf-regularised: a few hundred malignant rows (the real metadata has 584) overfit
+  # deeper trees (docs/ensemble.md).
   return HistGradientBoostingClassifier(learning_rate=0.03, max_iter=300, max_depth=3, min_samples_leaf=200,
                                         l2_regularization=1.0, early_stopping=False, random_state=seed)
 
 
 def _logistic(seed):
-  # Unscaled: the inputs are already on unit scales (0/1 bits, scaled age, standardised contexts, logits).
-  # Out-of-fold AUC, real metadata, tabular inputs: C=0.3 0.7959; with a StandardScaler first 0.7939.
+  # Unscaled: the inputs are already on unit scales (0/1 bits, scaled age, standardised contexts, logits),
+  # so a scaler in front adds nothing (docs/ensemble.md).
   del seed  # Deterministic.
   return LogisticRegression(C=0.3, max_iter=3000)
 
@@ -86,6 +86,33 @@ class Stage:
   def predict(self, table, images):
     """Probabilities [rows]; learns nothing from the rows."""
     return self.estimator.predict_proba(self._design(table, images))[:, 1]
+
+  @property
+  def width(self):
+    """Number of design columns (the estimator's n_features_in_); needs the fitted encoder when tabular."""
+    return (len(IMAGE_COLUMNS) if self.inputs.image else 0) + (
+        len(self.preprocessor.columns) if self.inputs.tabular else 0)
+
+  def to_dict(self):
+    """All but the fitted estimator, as JSON values (ensemble/fitted.py saves the estimator apart)."""
+    return {"inputs": dataclasses.asdict(self.inputs), "candidate": self.candidate, "seed": int(self.seed),
+            "preprocessor": None if self.preprocessor is None else self.preprocessor.to_dict()}
+
+  @classmethod
+  def from_dict(cls, d, estimator):
+    """The Stage of `to_dict`'s output with its fitted `estimator`; ValueError when a value is malformed."""
+    inputs = d["inputs"]
+    if set(inputs) != {"image", "tabular"} or not all(isinstance(v, bool) for v in inputs.values()):
+      raise ValueError(f"stage inputs {inputs!r} must be the booleans image and tabular")
+    if not isinstance(d["seed"], int) or isinstance(d["seed"], bool):
+      raise ValueError(f"stage seed {d['seed']!r} must be an integer")
+    stage = cls(Inputs(**inputs), d["candidate"], d["seed"])
+    if stage.inputs.tabular != (d["preprocessor"] is not None):
+      raise ValueError("a stage has a tabular encoder exactly when its inputs are tabular")
+    if stage.inputs.tabular:
+      stage.preprocessor = features.Preprocessor.from_dict(d["preprocessor"])
+    stage.estimator = estimator
+    return stage
 
 
 def fit_oof(fit_predict, fold_ids):

@@ -1,27 +1,14 @@
 """One fold model's outputs for the ensemble: probability + pooled backbone embedding of every image it
 must score, its validation fold (out of fold: the model never saw these patients) and the whole test set.
 
-The fold's best checkpoint is restored with `image.task.restore_best`, and the images go through the
-same tf.data pipeline and `training.predict.run`, with `steps.make_predict_step(..., embeddings=True)`.
-The outputs are kept in FOLD_DIR/ensemble_outputs.npz with the checkpoint step they came from, so a rerun
-reuses them unless the fold's best checkpoint changed.
+They are what the fold's own image run scored with its best checkpoint, in one pass (`image.load_scores`:
+FOLD_DIR/scores.npz); the ensemble never scores an image again.
 """
 import dataclasses
-import os
 
 import numpy as np
-from absl import logging
 
-from melanoma_jax.image import data as data_lib
-from melanoma_jax.image import setup
-from melanoma_jax.image import task as image_task
-from melanoma_jax.training import checkpoint as checkpoint_lib
-from melanoma_jax.training import distributed
-from melanoma_jax.training import steps
-from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
-
-OUTPUTS_FILE = "ensemble_outputs.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,54 +24,12 @@ class FoldOutputs:
   step: int = -1  # The best checkpoint step the outputs came from (-1: not from a checkpoint).
 
 
-def _load(path, fold, step):
-  try:
-    with np.load(path, allow_pickle=False) as saved:
-      if int(saved["step"]) != step:
-        return None
-      return FoldOutputs(fold, *(saved[k] for k in ("val_names", "val_probs", "val_embeddings", "test_names",
-                                                    "test_probs", "test_embeddings")), step=step)
-  except (OSError, KeyError, ValueError):
-    return None
-
-
-def fold_outputs(fold_config, fold_dir):
-  """FoldOutputs of the fold run in `fold_dir` (trained by image.task.train with `fold_config`)."""
-  run = setup.resolve(fold_config)
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(fold_dir, "checkpoints"), monitor="val_auc",
-                                             max_to_keep=run.checkpoints_to_keep)
-  try:
-    step = checkpointer.best_step()
-  finally:
-    checkpointer.close()
-  if step is None:
-    raise InputError(f"{checkpointer.directory}: no best checkpoint to embed with (train the fold first)")
-  path = os.path.join(fold_dir, OUTPUTS_FILE)
-  cached = _load(path, run.fold, step)
-  if cached is not None:
-    logging.info("fold %d: reusing %s (best checkpoint step %d)", run.fold, path, step)
-    return cached
-  data = data_lib.resolve_data(run, fold_dir)
-  split = data_lib.make_split(run, data)
-  pipeline = data_lib.make_pipeline(run, data, split)
-  model = run.build_model()
-  state, _ = image_task.restore_best(run, model, fold_config.optimizer, fold_dir)
-  state = steps.replicate(state)
-  p_predict = steps.p_predict(steps.make_predict_step(model, tta=run.tta, embeddings=True))
-  val_names, _, val_out = image_task.infer(p_predict, state, pipeline, pipeline.val_dataset(), data.train_files,
-                                           list(split.val_df["image_name"]), f"fold {run.fold} validation fold")
-  test_table = list(data.test_df["image_name"])
-  test_names, _, test_out = image_task.infer(p_predict, state, pipeline,
-                                             pipeline.test_dataset(len(test_table), test_table), data.test_files,
-                                             test_table, "test.csv")
-  outputs = FoldOutputs(run.fold, np.asarray(val_names, str), val_out[:, 0], val_out[:, 1:].astype(np.float32),
-                        np.asarray(test_names, str), test_out[:, 0], test_out[:, 1:].astype(np.float32), step)
-  if distributed.is_primary():  # Every process holds the same gathered outputs.
-    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
-      np.savez(f, **{k: v for k, v in dataclasses.asdict(outputs).items() if k != "fold"})
-  logging.info("fold %d: embedded %d validation and %d test images (%d features) with checkpoint step %d",
-               run.fold, len(val_names), len(test_names), outputs.val_embeddings.shape[1], step)
-  return outputs
+def from_scores(fold, scores):
+  """The FoldOutputs of fold `fold` from its image run's `image.RunScores`."""
+  return FoldOutputs(fold, np.asarray(scores.val.names, str), scores.val.probabilities,
+                     np.asarray(scores.val.embeddings, np.float32), np.asarray(scores.test.names, str),
+                     scores.test.probabilities, np.asarray(scores.test.embeddings, np.float32),
+                     scores.checkpoint_step)
 
 
 def place_out_of_fold(train_names, fold_ids, per_fold):

@@ -3,9 +3,10 @@
 `train(config, workdir)`:
   1. data: `config.data_dir`, or (when "") one synthetic set generated into WORKDIR/data (with
      `config.synthetic.ugly_duckling`), shared by every fold;
-  2. image folds: `image.task.train` on every fold k, each its own run in WORKDIR/fold_k with its own
-     identity (resumable; a finished fold is not trained or predicted again); then each fold model's
-     probability + embedding of its validation fold (out of fold) and of every test image (embed.py);
+  2. image folds: `image.train` on every fold k, each its own run in WORKDIR/fold_k with its own identity
+     (resumable; a finished fold is not trained again); each fold's prediction scores its validation fold
+     (out of fold) and every test image once, probability and embedding together (FOLD_DIR/scores.npz),
+     and the ensemble reads them from there (outputs.py);
   3. image context (context.py) per image among the patient's images, with one fold model's outputs, in
      style coordinates fitted per fold model on the rows scored together (its out-of-fold rows; for test
      rows, its outputs for all test rows: that projection is kept for new images too);
@@ -15,11 +16,15 @@
   5. test: each stage fitted on all out-of-fold rows, applied to features of the fold-averaged test image
      probabilities and the fold-averaged test image contexts; the calibrator fitted on all out-of-fold rows.
      These fitted stages, the style projections and the fold models' checkpoint steps are saved in
-     WORKDIR/fusion.pkl (fitted.py; its sha256 in results.json), and the test rows are predicted through
-     them exactly as the predict command predicts new image files.
-Writes oof.csv, submission.csv, test_stages.csv, fusion.pkl, results.json and the clinical report
-(report.html / report.json). Every run refits the stages from the folds' cached outputs, so rerunning a
-finished ensemble (no fold trained or predicted again) rewrites all of these, fusion.pkl included.
+     WORKDIR (fitted.py, a format that runs no code when loaded; its sha256 in results.json), and the test
+     rows are predicted through them exactly as the predict command predicts new image files.
+Writes oof.csv, submission.csv, test_stages.csv, the fitted stages, results.json and the clinical report
+(report.html / report.json). Every run refits the stages from the folds' kept scores, so rerunning a
+finished ensemble (no fold trained or scored again) rewrites all of these.
+
+Several processes: every fold trains and scores across all of them (as an image run does); the stages
+after it are cheap CPU work that every process computes alike from the same gathered scores, and process 0
+alone writes.
 """
 import os
 import time
@@ -31,18 +36,18 @@ from absl import logging
 
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import sources
+from melanoma_jax import image
 from melanoma_jax.ensemble import context as context_lib
-from melanoma_jax.ensemble import embed, fusion
 from melanoma_jax.ensemble import fitted as fitted_lib
+from melanoma_jax.ensemble import fusion
+from melanoma_jax.ensemble import outputs as outputs_lib
 from melanoma_jax.evaluation import calibration, clinical, metrics
 from melanoma_jax.image import data as image_data
 from melanoma_jax.image import setup
-from melanoma_jax.image import task as image_task
-from melanoma_jax.training import checkpoint as checkpoint_lib
 from melanoma_jax.training import distributed, identity
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
-from melanoma_jax.utils.results import write_results
+from melanoma_jax.training.results import write_results
 
 REPORT_STAGES = {"image": "pred_image", "tabular": "pred_tabular", "fused": "pred_fusion"}
 HIDDEN_LABELS = "test_hidden_labels.csv"  # The synthetic generator's labels of its test images.
@@ -66,31 +71,18 @@ def _data_dir(config, workdir):
   return image_data.data_dir_of(setup.resolve(config), workdir)
 
 
-def _finished(fold_cfg, fold_dir, digest):
-  """Whether the fold run in `fold_dir` is this config's and has trained all its epochs and predicted."""
-  if not os.path.isfile(os.path.join(fold_dir, "results.json")):
-    return False
-  identity.check_or_record(fold_dir, identity.of(fold_cfg, digest), record=False)  # Refuses another run's.
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(fold_dir, "checkpoints"))
-  try:
-    latest = checkpointer.latest_step()
-    meta = checkpointer.read_meta(latest) if latest is not None else None
-  finally:
-    checkpointer.close()
-  return meta is not None and (meta["epoch"] >= int(fold_cfg.num_epochs) or meta.get("stopped_early", False))
-
-
-def train_folds(config, workdir, data_dir, digest):
-  """Trains (or resumes, or skips when finished) every image fold; returns their embed.FoldOutputs."""
-  outputs = []
+def train_folds(config, workdir, data_dir):
+  """Trains (or resumes; a finished fold is not trained again) every image fold; returns their FoldOutputs,
+  the probabilities and embeddings each fold's own prediction scored in its one pass."""
+  per_fold = []
   for fold in range(int(config.num_folds)):
-    fold_cfg, fold_dir = fold_config(config, fold, data_dir), os.path.join(workdir, f"fold_{fold}")
-    if _finished(fold_cfg, fold_dir, digest):
-      logging.info("fold %d: finished run in %s, not training again", fold, fold_dir)
-    else:
-      image_task.train(fold_cfg, fold_dir)
-    outputs.append(embed.fold_outputs(fold_cfg, fold_dir))
-  return outputs
+    fold_dir = os.path.join(workdir, f"fold_{fold}")
+    image.train(fold_config(config, fold, data_dir), fold_dir)
+    scores = image.load_scores(fold_dir)
+    if scores is None:  # image.train has just written it: only a concurrent writer could remove it.
+      raise InputError(f"{os.path.join(fold_dir, 'scores.npz')}: missing after fold {fold} predicted")
+    per_fold.append(outputs_lib.from_scores(fold, scores))
+  return per_fold
 
 
 def image_stage(train_df, fold_ids, per_fold, components=context_lib.STYLE_COMPONENTS):
@@ -99,7 +91,7 @@ def image_stage(train_df, fold_ids, per_fold, components=context_lib.STYLE_COMPO
   Training rows: the out-of-fold output of the model that never saw the patient, and the context among
   the patient's images in that model's terms (style coordinates fitted on that model's out-of-fold rows).
   """
-  probs, embeddings, source = embed.place_out_of_fold(list(train_df["image_name"]), fold_ids, per_fold)
+  probs, embeddings, source = outputs_lib.place_out_of_fold(list(train_df["image_name"]), fold_ids, per_fold)
   patients = train_df["patient_id"].to_numpy()
   train_context = pd.DataFrame(0.0, index=np.arange(len(train_df)), columns=list(context_lib.FEATURES))
   for fold in np.unique(source):
@@ -111,13 +103,13 @@ def image_stage(train_df, fold_ids, per_fold, components=context_lib.STYLE_COMPO
 
 def test_outputs(test_df, per_fold):
   """[(probabilities, embeddings)] of every fold model for the test rows, in test.csv order."""
-  return [embed.ordered_test_outputs(list(test_df["image_name"]), out) for out in per_fold]
+  return [outputs_lib.ordered_test_outputs(list(test_df["image_name"]), out) for out in per_fold]
 
 
 def test_projections(test_df, per_fold_test, components=context_lib.STYLE_COMPONENTS):
   """Each fold model's style projection, fitted on its outputs for all test rows (patient ids only).
 
-  Fitted once here and kept (fusion.pkl) for the test rows and for new images alike, so the predict command
+  Fitted once here and kept (fusion.zip) for the test rows and for new images alike, so the predict command
   reproduces the test stage, and an image's context never depends on which other patients it is scored with.
   """
   patients = test_df["patient_id"].to_numpy()
@@ -196,7 +188,7 @@ def train(config, workdir, start_time=None):
   seed = int(config.seed)
   fold_ids = folds_lib.assign_folds(train_df, int(config.num_folds), seed)  # The image folds' own split.
   folds_lib.check_folds_have_both_classes(train_df, fold_ids, range(int(config.num_folds)))
-  per_fold = train_folds(config, workdir, data_dir, digest)
+  per_fold = train_folds(config, workdir, data_dir)
   components = int(config.ensemble.style_components)
   images, image_probs = image_stage(train_df, fold_ids, per_fold, components)
   per_fold_test = test_outputs(test_df, per_fold)

@@ -19,6 +19,19 @@ OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The `config.optimizer` section in plain values: Adam(W) on the seed's schedule (`learning_rate_schedule`)."""
+  name: str  # One of OPTIMIZERS.
+  lr_start: float
+  lr_max: float
+  lr_min: float
+  warmup_epochs: float
+  decay: float
+  weight_decay: float
+  grad_clip_norm: float  # 0: no clipping.
+
+
+@dataclasses.dataclass(frozen=True)
 class ImageRun:
   """What one image run is, in plain values."""
   data_dir: str  # "" = the synthetic set, generated into WORKDIR/data.
@@ -42,6 +55,7 @@ class ImageRun:
   pipeline_kwargs: dict  # ImagePipeline's keyword arguments (all but the files and names).
   init_weights: str  # Keras weights file or converted directory for the backbone; "" = random init.
   synthetic_kwargs: dict  # synthetic.generate_dataset's keyword arguments, when data_dir is "".
+  optimizer: Optimizer
 
   def build_model(self):
     return models.build_model(self.model_name, bn_axis_name=steps.AXIS, **self.model_kwargs)
@@ -103,7 +117,12 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
                        "process_count": process_count, "oversample_share": float(config.oversample_share or 0.0),
                        "max_steps_per_epoch": int(config.max_steps_per_epoch),
                        "skip_corrupt": bool(config.skip_corrupt), "augment": augment},
-      init_weights=config.model.init_weights, synthetic_kwargs=_synthetic_kwargs(config))
+      init_weights=config.model.init_weights, synthetic_kwargs=_synthetic_kwargs(config),
+      optimizer=Optimizer(name=config.optimizer.name, lr_start=float(config.optimizer.lr_start),
+                          lr_max=float(config.optimizer.lr_max), lr_min=float(config.optimizer.lr_min),
+                          warmup_epochs=float(config.optimizer.warmup_epochs), decay=float(config.optimizer.decay),
+                          weight_decay=float(config.optimizer.weight_decay),
+                          grad_clip_norm=float(config.optimizer.grad_clip_norm or 0.0)))
 
 
 def _synthetic_kwargs(config):
@@ -129,8 +148,8 @@ def learning_rate_schedule(opt, steps_per_epoch):
   return schedule
 
 
-def build_optimizer(opt, steps_per_epoch):
-  """(optax transformation, schedule) of the `config.optimizer` section."""
+def build_optimizer(opt: Optimizer, steps_per_epoch):
+  """(optax transformation, schedule) of a run's `Optimizer`."""
   schedule = learning_rate_schedule(opt, steps_per_epoch)
   if opt.name == "adamw":
     core = optax.adamw(schedule, weight_decay=opt.weight_decay)

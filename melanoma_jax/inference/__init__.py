@@ -1,6 +1,10 @@
 """Inference for users: a trained workdir -> predictions on image files, saliency maps, a TF SavedModel.
 
-Modules, one job each: `loading` (a workdir -> a `Predictor`), `images` (image files -> the model inputs the
-run's own evaluation makes), `saliency` (Grad-CAM and SmoothGrad through the Flax model, and their figure),
-`tf_export` (the jax2tf SavedModel). The command lines are `melanoma_jax.predict` and `melanoma_jax.export`.
+Every model here is reached through the image package's seam (`image.load_best` -> `image.TrainedModel`),
+never a task's internals. Public modules, one job each: `loading` (`load_predictor`, `kind_of`: a workdir
+-> a TrainedModel or an `ensemble.EnsemblePredictor`), `ensemble` (fold models + the fitted stages),
+`images` (image files -> the model inputs the run's own evaluation makes), `metadata` (the --metadata CSV),
+`saliency` (Grad-CAM and SmoothGrad through the Flax model, and their figure), `tf_export` (the jax2tf
+SavedModel), `outputs` (folders these commands may write into). The command lines are
+`melanoma_jax.predict` and `melanoma_jax.export`.
 """

@@ -1,15 +1,16 @@
 """An ensemble workdir as a predictor: its fold models averaged, and with --metadata its fitted fusion.
 
-`load(workdir)` loads every fold model W/fold_k (each fold's best checkpoint, as a single run loads,
-`loading._load_run`) and W/fusion.pkl (ensemble/fitted.py) when present.
+`load(workdir)` loads every fold model W/fold_k (`image.load_best`, each fold's best checkpoint) and the
+fitted second stage (ensemble/fitted.py) when present and made from these checkpoints.
 
-  * Without metadata: `predict(x)` is the mean over fold models of their probabilities.
-  * With metadata (`read_metadata(csv)` first): every readable file's fold outputs (probability + pooled
-    embedding per fold model) are kept while the folder is read, then `fuse` computes, per fold model, each
-    image's context among the same patient's readable files (in that fold model's fitted style coordinates),
-    averages them, adds the tabular features (their patient context among the same patient's metadata rows
-    of those files) and applies the fitted stages and calibrator: `FittedEnsemble.predict`, the very path the
-    ensemble's test stage takes. A file without a metadata row keeps its pred_image and gets an error.
+  * Without metadata: `score(x)` is the mean over fold models of their probabilities.
+  * With metadata (`read_metadata(csv)` first): every readable file's fold outputs (`score_folds`:
+    probability + pooled embedding per fold model) are kept while the folder is read, then `fuse` computes,
+    per fold model, each image's context among the same patient's readable files (in that fold model's
+    fitted style coordinates), averages them, adds the tabular features (their patient context among the
+    same patient's metadata rows of those files) and applies the fitted stages and calibrator:
+    `FittedEnsemble.predict`, the very path the ensemble's test stage takes. A file without a metadata row
+    keeps its pred_image and gets an error.
 
 Saliency and export explain or convert one network; an ensemble refuses them (use W/fold_k).
 """
@@ -20,9 +21,10 @@ from typing import List, Optional
 import numpy as np
 import pandas as pd
 
+from melanoma_jax import image
 from melanoma_jax.ensemble import fitted as fitted_lib
-from melanoma_jax.inference import loading
 from melanoma_jax.inference import metadata as metadata_lib
+from melanoma_jax.training import identity
 from melanoma_jax.utils.errors import InputError
 
 
@@ -36,7 +38,7 @@ def one_model_only(workdir, what):
 class EnsemblePredictor:
   """Fold models (`members`, fold order) and the fitted second stage (None: `unfused`, why)."""
   workdir: str
-  members: List[loading.Predictor]
+  members: List[image.TrainedModel]
   fitted: Optional[fitted_lib.FittedEnsemble]
   unfused: str = ""
 
@@ -56,19 +58,17 @@ class EnsemblePredictor:
   def description(self):
     return f"ensemble of {len(self.members)} fold models ({self.members[0].description}, ...)"
 
-  def predict(self, images, metadata=None):
-    """Mean over fold models of their probabilities [N] (metadata: see `read_metadata` and `fuse`)."""
-    if metadata is not None:
-      self.read_metadata(metadata)
-    return np.mean([m.predict(images) for m in self.members], axis=0)
+  def score(self, images):
+    """image.Scores whose probabilities are the mean over fold models of theirs."""
+    return image.Scores(np.mean([m.score(images).probabilities for m in self.members], axis=0))
 
-  def embed(self, images):
-    """[(probabilities [N], embeddings [N, F])] of every fold model, fold order."""
-    return [m.embed(images) for m in self.members]
+  def score_folds(self, images):
+    """[image.Scores with embeddings] of every fold model, fold order."""
+    return [m.score(images, embeddings=True) for m in self.members]
 
   def read_metadata(self, path):
     """The --metadata table (inference/metadata.py), indexed by file name without extension; refuses it
-    when this workdir has no usable fusion.pkl."""
+    when this workdir has no usable fitted stages."""
     if self.fitted is None:
       raise InputError(self.unfused)
     return metadata_lib.read(path)
@@ -93,7 +93,7 @@ class EnsemblePredictor:
 
 def load(workdir, tta=None):
   """The EnsemblePredictor of ensemble workdir `workdir` (`tta` None: the folds' own setting)."""
-  config = loading.recorded_config(workdir)
+  config = identity.recorded_config(workdir)
   num_folds = int(config.get("num_folds", 0))
   if num_folds < 1:
     raise InputError(f"{workdir}: the recorded config has no num_folds; not an ensemble this code can load")
@@ -102,14 +102,14 @@ def load(workdir, tta=None):
     fold_dir = os.path.join(workdir, f"fold_{fold}")
     if not os.path.isdir(fold_dir):
       raise InputError(f"{fold_dir}: fold {fold} of {num_folds} not found (train the ensemble first)")
-    members.append(loading._load_run(fold_dir, tta))  # pylint: disable=protected-access
+    members.append(image.load_best(fold_dir, tta=tta))
   fitted, unfused = None, ""
   try:
     fitted = fitted_lib.load(workdir)
   except InputError as e:
     unfused = f"--metadata needs the fitted fusion: {e}"
   if fitted is not None:
-    steps = tuple(m.step for m in members)
+    steps = tuple(m.checkpoint_step for m in members)
     if tuple(fitted.folds) != tuple(range(num_folds)) or tuple(fitted.fold_steps) != steps:
       fitted, unfused = None, (
           f"--metadata needs the fitted fusion: {os.path.join(workdir, fitted_lib.FILE)} was fitted on fold "

@@ -11,18 +11,18 @@ import os
 import pandas as pd
 
 from melanoma_jax.data import metadata
+from melanoma_jax.inference.images import EXTENSIONS
 from melanoma_jax.utils.errors import InputError
 
 NAME_COLUMNS = ("image_name", "image")
 COLUMNS = ("patient_id", "sex", "age_approx", "anatom_site_general_challenge")
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def key(name):
   """The matching key of a file or image name: its name without a .jpg/.jpeg/.png extension (any case)."""
   name = os.path.basename(str(name).strip())
   stem, ext = os.path.splitext(name)
-  return stem if ext.lower() in _IMAGE_EXTENSIONS else name
+  return stem if ext.lower() in EXTENSIONS else name
 
 
 def read(path):

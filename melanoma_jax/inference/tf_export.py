@@ -17,8 +17,8 @@ from typing import Sequence
 
 import jax
 
+from melanoma_jax import image
 from melanoma_jax.inference import images
-from melanoma_jax.inference import loading
 from melanoma_jax.inference import outputs
 from melanoma_jax.training import steps
 from melanoma_jax.utils.errors import InputError
@@ -61,27 +61,24 @@ def max_compatibility_stablehlo():
     _export.hlo = hlo
 
 
-def serving_module(predictor, platforms: Sequence[str] = PLATFORMS):
-  """A tf.Module with the `serve` tf.function (see the module docstring) for `predictor`'s model.
+def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATFORMS):
+  """A tf.Module with the `serve` tf.function (see the module docstring) for `trained`'s model.
 
   The model runs with XLA's plain ops (`kernels="xla"`: the same values, and portable to any platform).
   """
-  if not hasattr(predictor, "model"):  # An ensemble (inference/ensemble.py): several networks + fusion.
-    from melanoma_jax.inference import ensemble  # pylint: disable=g-import-not-at-top
-    raise ensemble.one_model_only(predictor.workdir, "a SavedModel export")
   tf_ = tf()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  model = predictor.model.clone(kernels="xla") if hasattr(predictor.model, "kernels") else predictor.model
-  step = steps.make_predict_step(model, tta=predictor.tta)
-  size = predictor.image_size
+  model = trained.model.clone(kernels="xla") if hasattr(trained.model, "kernels") else trained.model
+  step = steps.make_predict_step(model, tta=trained.tta)
+  size = trained.image_size
 
   def probabilities(weights, x):
-    return step(loading.ModelWeights(weights["params"], weights.get("batch_stats", {})), {"x": x})
+    return step(image.ModelWeights(weights["params"], weights.get("batch_stats", {})), {"x": x})
 
   converted = jax2tf.convert(probabilities, polymorphic_shapes=[None, f"(b, {size}, {size}, 3)"],
                              with_gradient=False, native_serialization_platforms=tuple(platforms))
   module = tf_.Module()
-  weights = tf_.nest.map_structure(lambda a: tf_.Variable(a, trainable=False), predictor.variables)
+  weights = tf_.nest.map_structure(lambda a: tf_.Variable(a, trainable=False), trained.variables)
   module.weights = tf_.nest.flatten(weights)  # Tracked, so the SavedModel stores them.
 
   @tf_.function(autograph=False, input_signature=[tf_.TensorSpec([None], tf_.string, name=INPUT)])
@@ -96,8 +93,8 @@ def serving_module(predictor, platforms: Sequence[str] = PLATFORMS):
   return module
 
 
-def export(predictor, out_dir, info, platforms: Sequence[str] = PLATFORMS):
-  """Writes the SavedModel of `predictor` to `out_dir` (replacing only an export of ours) and returns it.
+def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] = PLATFORMS):
+  """Writes the SavedModel of `trained` to `out_dir` (replacing only an export of ours) and returns it.
 
   Written to a temporary sibling first and renamed into place, so `out_dir` is whole or untouched.
   `info`: JSON-able facts (source workdir, checkpoint) recorded in `out_dir`/MARKER with the versions.
@@ -110,11 +107,11 @@ def export(predictor, out_dir, info, platforms: Sequence[str] = PLATFORMS):
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    module = serving_module(predictor, platforms)
+    module = serving_module(trained, platforms)
     with max_compatibility_stablehlo():
       concrete = module.serve.get_concrete_function()
       tf_.saved_model.save(module, tmp, signatures={"serving_default": concrete})
-    record = dict(info, image_size=predictor.image_size, tta=predictor.tta, input=INPUT, output=OUTPUT,
+    record = dict(info, image_size=trained.image_size, tta=trained.tta, input=INPUT, output=OUTPUT,
                   platforms=list(platforms), jax=jax.__version__, tensorflow=tf_.__version__,
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
     with open(os.path.join(tmp, MARKER), "w") as f:

@@ -1,1 +1,2 @@
-"""Tabular model on the ISIC metadata: features (+ patient context), SMOTE, a Flax MLP, grouped CV."""
+"""Tabular model on the ISIC metadata: `features` (encoding + patient context), `balance` (SMOTE), `task`
+(patient-grouped CV of the Flax MLP through the shared fit loop; main.py's tabular task)."""

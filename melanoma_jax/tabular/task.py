@@ -23,16 +23,16 @@ from absl import logging
 
 from melanoma_jax import models
 from melanoma_jax.data import folds as folds_lib
-from melanoma_jax.data import metadata
+from melanoma_jax.data import metadata, sources
 from melanoma_jax.evaluation import calibration, clinical, metrics, roc
 from melanoma_jax.tabular import balance, features
 from melanoma_jax.training import checkpoint as checkpoint_lib
-from melanoma_jax.training import identity
+from melanoma_jax.training import distributed, identity
 from melanoma_jax.training import loop, losses, predict as predict_lib, reporting, steps
 from melanoma_jax.training import state as state_lib
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
-from melanoma_jax.utils.results import write_results
+from melanoma_jax.training.results import write_results
 
 @dataclasses.dataclass(frozen=True)
 class TabularRun:
@@ -67,10 +67,8 @@ def resolve(config, num_devices=None) -> TabularRun:
 
 
 def load_tables(config):
-  """(train_df, test_df): config.data_dir/{train,test}.csv, or the embedded real CSVs if data_dir is ''."""
-  root = config.data_dir
-  train_path = os.path.join(root, "train.csv") if root else metadata.EMBEDDED_TRAIN_CSV
-  test_path = os.path.join(root, "test.csv") if root else metadata.EMBEDDED_TEST_CSV
+  """(train_df, test_df) of config.data_dir's CSVs (`sources.csv_paths`: the embedded real ones if '')."""
+  train_path, test_path = sources.csv_paths(config.data_dir)
   return metadata.load_metadata(train_path, "train"), metadata.load_metadata(test_path, "test")
 
 
@@ -101,7 +99,10 @@ class _Trainer:
     self.model = models.build_model("mlp", hidden_sizes=tuple(config.hidden_sizes),
                                     dropout_rate=float(config.dropout_rate))
     self.tx = optax.adam(float(config.learning_rate))
-    self.p_logits = steps.p_predict(steps.make_predict_step(self.model, logits=True))
+    # Every process trains the same fold models on the same rows within its own devices (the MLP is tiny):
+    # no collective crosses processes, every process ends with the same outputs and process 0 writes them.
+    self.devices = jax.local_devices()
+    self.p_logits = steps.p_predict(steps.make_predict_step(self.model, logits=True), devices=self.devices)
     self._init = jax.jit(lambda rng, x: self.model.init({"params": rng}, x, train=False))
     self._p_train = {}  # class weights -> pmapped step (the weights are compiled in).
 
@@ -109,7 +110,7 @@ class _Trainer:
     key = tuple(round(float(w), 6) for w in class_weights)
     if key not in self._p_train:
       self._p_train[key] = steps.p_train(steps.make_train_step(
-          self.model, key, label_smoothing=float(self.config.label_smoothing)))
+          self.model, key, label_smoothing=float(self.config.label_smoothing)), devices=self.devices)
     return self._p_train[key]
 
   def init_state(self, fold, num_features):
@@ -122,7 +123,7 @@ class _Trainer:
 
   def logits(self, state, x, what):
     """Logits (float64) for every row of x."""
-    return predict_lib.run(self.p_logits, state, predict_lib.array_batches(x, self.run.global_batch),
+    return predict_lib.collect(self.p_logits, state, predict_lib.array_batches(x, self.run.global_batch),
                            what)["outputs"]
 
   def plan(self, fold, rows):
@@ -142,12 +143,11 @@ def _run_fold(trainer, fold, train_df, val_df, test_df, workdir):
                                              monitor="val_auc", max_to_keep=1)
   summaries = reporting.Summaries(os.path.join(workdir, "tensorboard", f"fold_{fold}"))
   try:
-    latest = checkpointer.latest_step()
-    saved = checkpointer.read_meta(latest) if latest is not None else None
+    saved = loop.finished_meta(checkpointer, run.plan_epochs)
     train_rows = len(x)
     # A finished fold is reused as saved: its metadata holds the rows it trained on and its class weights,
     # so the SMOTE that produced them need not run again.
-    resumed = saved is not None and loop.is_finished(saved, trainer.plan(fold, saved["trained_rows"]))
+    resumed = saved is not None
     if resumed:
       trained_rows, weights = saved["trained_rows"], tuple(saved["class_weights"])
     else:
@@ -223,19 +223,22 @@ def train(config, workdir, start_time=None):
   oof_auc = metrics.roc_auc(targets, oof)
   oof_table = pd.DataFrame({"image_name": train_df["image_name"], "patient_id": train_df["patient_id"],
                             "target": targets, "prediction": oof, "fold": fold_ids})
-  files.write_csv(oof_table, os.path.join(workdir, "oof.csv"))
-  files.write_csv(pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}),
-                  os.path.join(workdir, "submission.csv"))
   context = "with" if config.patient_context else "without"
-  roc.save_roc(targets, oof, os.path.join(workdir, "roc.png"), f"Tabular MLP, out-of-fold ({context} patient context)")
-  report = clinical.write_report(workdir, clinical.with_context(oof_table, train_df), {"tabular": "prediction"},
-                                 f"Tabular MLP, out-of-fold ({context} patient context"
-                                 f"{', Platt-calibrated' if config.calibrate else ''})")
+  report = None
+  if distributed.is_primary():  # Every process computed the same; one writes.
+    files.write_csv(oof_table, os.path.join(workdir, "oof.csv"))
+    files.write_csv(pd.DataFrame({"image_name": test_df["image_name"], "target": np.mean(test_preds, axis=0)}),
+                    os.path.join(workdir, "submission.csv"))
+    roc.save_roc(targets, oof, os.path.join(workdir, "roc.png"),
+                 f"Tabular MLP, out-of-fold ({context} patient context)")
+    report = clinical.write_report(workdir, clinical.with_context(oof_table, train_df), {"tabular": "prediction"},
+                                   f"Tabular MLP, out-of-fold ({context} patient context"
+                                   f"{', Platt-calibrated' if config.calibrate else ''})")
   results = {"task": "tabular", "oof_auc": oof_auc, "fold_aucs": fold_aucs,
              "patient_context": bool(config.patient_context), "smote": bool(config.smote),
              "num_features": len(feature_columns), "feature_columns": feature_columns, "folds": fold_details,
              "train_rows": len(train_df), "test_rows": len(test_df), "unknown_test_categories": unknown,
-             "report": os.path.join(workdir, "report.html"), "clinical": clinical.summary(report),
+             "report": os.path.join(workdir, "report.html"), "clinical": clinical.summary(report) if report else None,
              "wall_seconds": time.time() - start}
   write_results(workdir, results, config)
   logging.info("out-of-fold AUC %.4f (folds %s), %.0f s, %s patient context", oof_auc,

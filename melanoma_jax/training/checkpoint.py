@@ -72,6 +72,17 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_of(abstract_state)), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_part(self, step, abstract_part):
+    """(part, meta) of `step`: only the fields of the saved state that `abstract_part` names (a dict of
+    some of the state's fields, e.g. {"params": ..., "batch_stats": ...}); the rest is never read, so a
+    model's variables load without building its optimizer."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract_of(abstract_part), partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                         abstract_of(abstract_part))),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
   def restore_latest(self, abstract_state):
     """(state, meta) of the newest complete checkpoint, or None."""
     step = self.latest_step()

@@ -6,24 +6,32 @@ predict on the same workdir compares its config with that record alone, before r
 refuses a mismatch with one line naming the fields that differ. In a multi-process run every process
 checks an existing record, process 0 alone writes a new one, and the others check it after a barrier. Fields that may change between runs of the
 same model (`MAY_CHANGE`: more epochs, logging, prediction-time settings) are left out of the record.
+
+`recorded_config(workdir)` gives the config of the run a workdir holds, with no --config: results.json's
+full config (written when training finishes), run.json's fields over it (authoritative for every field that
+defines the model, and present whenever there is a checkpoint), then each `MAY_CHANGE` field neither holds
+at its default there (a run that never finished predicts without TTA).
 """
 import hashlib
 import json
 import os
 
+import ml_collections
 from absl import logging
 
 from melanoma_jax.training import distributed
+from melanoma_jax.training.results import NAME as RESULTS
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
 RECORD = "run.json"
-# Fields a rerun may change: they extend or observe a run without changing what its checkpoints hold.
-MAY_CHANGE = frozenset({
-    "num_epochs",  # Extends a run (or, tabular, raises the early-stopping ceiling).
-    "log_every_steps", "checkpoints_to_keep", "tta", "skip_corrupt", "calibrate",
-    "model.remat", "model.kernels",  # How the same values are computed.
-})
+# Fields a rerun may change, with the value prediction uses when a run recorded none: they extend or
+# observe a run without changing what its checkpoints hold.
+MAY_CHANGE = {
+    "num_epochs": 1,  # Extends a run (or, tabular, raises the early-stopping ceiling).
+    "log_every_steps": 1, "checkpoints_to_keep": 1, "tta": False, "skip_corrupt": False, "calibrate": False,
+    "model.remat": False, "model.kernels": "auto",  # How the same values are computed.
+}
 
 
 def _flatten(tree, prefix=""):
@@ -98,3 +106,50 @@ def _check_or_record(workdir, path, identity, record):
     more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
     raise InputError(f"{path}: this workdir holds a run of another config or data ({shown}{more}); use another "
                      f"--workdir, or the recorded values (only {', '.join(sorted(MAY_CHANGE))} may change)")
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise InputError(f"{path}: unreadable ({e})") from None
+
+
+def _set(tree, dotted, value):
+  *parents, leaf = dotted.split(".")
+  for parent in parents:
+    tree = tree.setdefault(parent, {})
+  tree[leaf] = value
+
+
+def _has(tree, dotted):
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return False
+    tree = tree[part]
+  return True
+
+
+def recorded_config(workdir, overrides=None) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir` (see the module doc), then `overrides` ({dotted name: value})."""
+  run_path, results_path = os.path.join(workdir, RECORD), os.path.join(workdir, RESULTS)
+  if not os.path.isdir(workdir):
+    raise InputError(f"{workdir}: workdir not found")
+  if not os.path.exists(run_path) and not os.path.exists(results_path):
+    raise InputError(f"{workdir}: not a training run (neither {RECORD} nor {RESULTS}); train with main.py first")
+  tree = _read_json(results_path).get("config", {}) if os.path.exists(results_path) else {}
+  for field, value in (_read_json(run_path) if os.path.exists(run_path) else {}).items():
+    if not field.startswith("data."):  # data.csv_sha256: the data's hash, not a config field.
+      _set(tree, field, value)
+  for field, value in MAY_CHANGE.items():
+    if not _has(tree, field):
+      _set(tree, field, value)
+  for field, value in (overrides or {}).items():
+    _set(tree, field, value)
+  return ml_collections.ConfigDict(tree)
+
+
+def task_of(workdir):
+  """The task of the run in `workdir` ("image", "ensemble", "tabular"); InputError if it holds no run."""
+  return recorded_config(workdir).get("task", "image")

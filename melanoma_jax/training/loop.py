@@ -52,8 +52,17 @@ def best_of(history, plan):
   return best_epoch, best, since
 
 
-def is_finished(meta, plan):
-  return meta["epoch"] >= plan.num_epochs or meta.get("stopped_early", False)
+def is_finished(meta, num_epochs):
+  """Whether a run whose latest checkpoint carries `meta` has trained all `num_epochs` or stopped early."""
+  return meta["epoch"] >= num_epochs or meta.get("stopped_early", False)
+
+
+def finished_meta(checkpointer, num_epochs):
+  """The meta of the latest checkpoint when the run is finished (`is_finished`), else None: a caller can
+  skip building the state and the loop altogether."""
+  latest = checkpointer.latest_step()
+  meta = checkpointer.read_meta(latest) if latest is not None else None
+  return meta if meta is not None and is_finished(meta, num_epochs) else None
 
 
 def _prefix(plan):
@@ -83,14 +92,14 @@ def fit(state, plan: Plan, checkpointer, summaries, *, train_step: Callable[[int
     state, meta = restored
     logging.info("%sresumed from %s at epoch %d (step %d)", _prefix(plan), checkpointer.directory,
                  meta["epoch"], int(state.step))
-  if is_finished(meta, plan):
+  if is_finished(meta, plan.num_epochs):
     logging.info("%straining already finished (%d epochs%s)", _prefix(plan), meta["epoch"],
                  ", stopped early" if meta.get("stopped_early") else "")
   state = steps.replicate(state)
   step = int(state.step)  # Counted on the host: reading state.step would sync with the devices every step.
   progress = reporting.Progress(plan.steps_per_epoch * plan.num_epochs, step, plan.global_batch)
   log_every = plan.log_every_steps if plan.log_every_steps > 0 else plan.steps_per_epoch
-  while not is_finished(meta, plan):
+  while not is_finished(meta, plan.num_epochs):
     epoch = int(meta["epoch"])
     p_step = train_step(epoch)
     pending = []  # (step, loss) device scalars fetched every log_every steps: no host sync per step.

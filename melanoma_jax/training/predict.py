@@ -14,7 +14,7 @@ def array_batches(x, global_batch, y=None):
     yield steps.shard_batch(steps.pad_batch(batch, global_batch)), None
 
 
-def run(p_predict, state, batches, what="predictions"):
+def collect(p_predict, state, batches, what="predictions"):
   """Outputs of `p_predict` for the unmasked rows of `batches`, in order.
 
   `batches` yields (sharded batch with 'mask' and optionally 'y', names or None). Returns a dict with

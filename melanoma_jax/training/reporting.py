@@ -3,6 +3,7 @@ import time
 
 from absl import logging
 
+from melanoma_jax.training import distributed
 from melanoma_jax.utils.tf_host import tf
 
 
@@ -61,8 +62,7 @@ class Summaries:
   """
 
   def __init__(self, logdir):
-    import jax  # pylint: disable=g-import-not-at-top
-    self._writer = tf().summary.create_file_writer(logdir) if jax.process_index() == 0 else None
+    self._writer = tf().summary.create_file_writer(logdir) if distributed.is_primary() else None
 
   def scalars(self, step, values):
     if self._writer is None:

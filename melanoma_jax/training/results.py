@@ -6,7 +6,10 @@ import os
 import platform
 import sys
 
+from melanoma_jax.training import distributed
 from melanoma_jax.utils import files
+
+NAME = "results.json"
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu", "keras",
              "numpy", "pandas", "scikit-learn", "imbalanced-learn", "ml-collections")
@@ -40,14 +43,13 @@ def _jsonable(value):
   return str(value)
 
 
-def write_results(workdir, metrics, config=None, name="results.json"):
+def write_results(workdir, metrics, config=None, name=NAME):
   """Writes WORKDIR/`name` (metrics, config, versions) atomically and returns its path.
 
   In a multi-process run only process 0 writes (the others return the path it writes).
   """
   path = os.path.join(workdir, name)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() != 0:
+  if not distributed.is_primary():
     return path
   os.makedirs(workdir, exist_ok=True)
   payload = dict(_jsonable(metrics))

@@ -111,14 +111,20 @@ def make_predict_step(model, tta=False, logits=False, embeddings=False):
   return predict_step
 
 
-def p_train(train_step, donate=True):
-  """pmaps a train step: state unreplicated in and out, batch split over local devices."""
+def p_train(train_step, donate=True, devices=None):
+  """pmaps a train step: state unreplicated in and out, batch split over local devices.
+
+  `devices` None: the step spans every device of every process (each feeds its local shard); a list of
+  this process's devices (`jax.local_devices()`) keeps it inside the process, for a model every process
+  trains alike on the same rows (the tabular folds).
+  """
   return jax.pmap(train_step, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
-                  donate_argnums=(0,) if donate else ())
+                  donate_argnums=(0,) if donate else (), devices=devices)
 
 
-def p_predict(predict_step):
-  return jax.pmap(predict_step, axis_name=AXIS, in_axes=(None, 0), out_axes=0)
+def p_predict(predict_step, devices=None):
+  """pmaps a predict step: outputs [local devices, per_device, ...]; `devices` as for `p_train`."""
+  return jax.pmap(predict_step, axis_name=AXIS, in_axes=(None, 0), out_axes=0, devices=devices)
 
 
 def _local_mesh():
