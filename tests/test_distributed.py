@@ -252,8 +252,8 @@ def test_a_two_process_ensemble_equals_a_one_process_ensemble_of_its_folds(two_p
 
   The one-process run (4 devices) reuses the two-process run's fold checkpoints (the processes' training
   shares make a different stream than one process reading everything) but scores every fold's images again
-  and refits every stage: the same oof.csv, submission.csv and test_stages.csv. Largest difference seen:
-  0 (tiny model, float32; scores are gathered in table order, whatever the process count).
+  and refits every stage: the same oof.csv, submission.csv and test_stages.csv (within 1e-6; the test prints
+  the largest difference of each file: 0.0 in all three when last run).
   """
   workdir, logs = two_process_ensemble
   auc_lines = [[line.split("]", 2)[-1] for line in log.splitlines() if "out-of-fold AUC:" in line] for log in logs]
@@ -274,8 +274,10 @@ def test_a_two_process_ensemble_equals_a_one_process_ensemble_of_its_folds(two_p
   assert proc.stderr.count("not training again") == 2 and "reusing" not in proc.stderr  # Scored again.
   columns = {"oof.csv": ["prediction", "pred_image", "pred_tabular", "pred_image_context", "pred_fusion"],
              "submission.csv": ["target"], "test_stages.csv": ["prediction", "pred_image", "pred_fusion"]}
-  for name, cols in columns.items():
-    assert _max_difference(pd.read_csv(workdir / name), pd.read_csv(one / name), cols) <= 1e-6, name
+  differences = {name: _max_difference(pd.read_csv(workdir / name), pd.read_csv(one / name), cols)
+                 for name, cols in columns.items()}
+  print("largest differences, 2 processes vs 1:", differences)
+  assert max(differences.values()) <= 1e-6, differences
   assert json.loads((one / "results.json").read_text())["stage_oof_auc"] == pytest.approx(
       results["stage_oof_auc"], abs=1e-9)
 
