@@ -14,15 +14,22 @@ patient's nevus style is drawn apart from their skin, benign lesions are the pat
 melanoma is a typical nevus in a stranger's style. It looks like some patient's benign mole, only not like this
 patient's, so an image-only model is at chance and only within-patient comparison finds it.
 
+A second, structurally different generator (`generate_dataset(..., generator="plain", ugly_duckling=1.0)`,
+module `plain`) draws an ugly-duckling set of flat lesions on one skin colour shared by every patient (no
+texture, hair, light or dermoscope corners; a nevus style only of colour, darkness, size and outline), so a
+design tuned on the default generator can be tested on another.
+
 Everything is a pure function of (seed, patient_id) and (seed, image_name), so the same seed gives the same
 bytes in any order, in any process.
 
 Modules, one job each: `seeding` (the random streams), `lesions` (patient styles, lesion parameters),
-`render` (pixels and JPEG), `patients` (the patient subset, hidden test labels), `contact_sheet`,
-`manifest` (reuse of a finished folder), `writer` (`generate_dataset`) and `__main__` (the command line):
+`render` (pixels and JPEG), `plain` (the plain generator), `generators` (a generator by name), `patients`
+(the patient subset, hidden test labels), `contact_sheet`, `manifest` (reuse of a finished folder), `writer`
+(`generate_dataset`) and `__main__` (the command line):
 
   python -m melanoma_jax.data.synthetic --out DIR --num_patients 200 --image_size 128 --seed 0
 """
+from melanoma_jax.data.synthetic.generators import GENERATORS
 from melanoma_jax.data.synthetic.lesions import LesionParams
 from melanoma_jax.data.synthetic.lesions import make_lesion_params
 from melanoma_jax.data.synthetic.lesions import make_patient_style
@@ -38,6 +45,9 @@ from melanoma_jax.data.synthetic.patients import hidden_test_labels
 from melanoma_jax.data.synthetic.patients import select_patients
 from melanoma_jax.data.synthetic.patients import select_test_patients
 from melanoma_jax.data.synthetic.patients import TEST_MALIGNANT_RATE
+from melanoma_jax.data.synthetic.plain import plain_style
+from melanoma_jax.data.synthetic.plain import render_plain_image
+from melanoma_jax.data.synthetic.plain import render_plain_lesion
 from melanoma_jax.data.synthetic.render import encode_jpeg
 from melanoma_jax.data.synthetic.render import JPEG_QUALITY
 from melanoma_jax.data.synthetic.render import render_image
@@ -48,6 +58,7 @@ from melanoma_jax.data.synthetic.writer import generate_dataset
 __all__ = [
     "DEFAULT_MIN_MALIGNANT",
     "DEFAULT_NUM_PATIENTS",
+    "GENERATORS",
     "GENERATOR_VERSION",
     "JPEG_QUALITY",
     "LesionParams",
@@ -62,8 +73,11 @@ __all__ = [
     "make_lesion_params",
     "make_patient_style",
     "patient_style",
+    "plain_style",
     "render_image",
     "render_lesion",
+    "render_plain_image",
+    "render_plain_lesion",
     "select_patients",
     "select_test_patients",
     "stable_rng",

@@ -1,6 +1,7 @@
 """The command line: writes one synthetic dataset and prints its summary (record paths aside) as JSON.
 
   python -m melanoma_jax.data.synthetic --out DIR --num_patients 200 --image_size 128 --seed 0
+  python -m melanoma_jax.data.synthetic --out DIR --generator plain --ugly_duckling 1
 """
 import argparse
 import json
@@ -27,13 +28,15 @@ def main(argv=None):
   parser.add_argument("--num_workers", "--num-workers", type=int, default=1, help="rendering processes")
   parser.add_argument("--ugly_duckling", "--ugly-duckling", type=float, default=0.0,
                       help="share of melanomas drawn as a stranger's typical nevus (0 = ordinary set, 1 = pure)")
+  parser.add_argument("--generator", default=synthetic.GENERATORS[0],
+                      help=f"one of {', '.join(synthetic.GENERATORS)}; plain needs --ugly_duckling 1")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
     summary = synthetic.generate_dataset(args.out, args.num_patients, args.image_size, args.seed,
                                          args.num_test_patients, num_shards=args.num_shards,
                                          min_malignant=args.min_malignant, num_workers=args.num_workers,
-                                         ugly_duckling=args.ugly_duckling)
+                                         ugly_duckling=args.ugly_duckling, generator=args.generator)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

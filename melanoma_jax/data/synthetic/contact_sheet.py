@@ -6,10 +6,11 @@ import pandas as pd
 from PIL import Image
 from PIL import ImageDraw
 
-from melanoma_jax.data.synthetic import render
+from melanoma_jax.data.synthetic import generators
 
 
-def write(train_df, seed, size, path, patients=4, benign_per_patient=4, ugly_duckling=0.0):
+def write(train_df, seed, size, path, patients=4, benign_per_patient=4, ugly_duckling=0.0,
+          generator=generators.DEFAULT):
   """A labelled PNG grid: per row, a few benign lesions of one patient and then their malignant one."""
   tile = int(np.clip(size, 160, 256))
   with_malignant = sorted(train_df.loc[train_df["target"] == 1, "patient_id"].unique())[:patients]
@@ -25,8 +26,8 @@ def write(train_df, seed, size, path, patients=4, benign_per_patient=4, ugly_duc
   draw = ImageDraw.Draw(sheet)
   for r, row in enumerate(rows):
     for c, (_, item) in enumerate(row.iterrows()):
-      jpeg = render.render_image(seed, item["image_name"], item["patient_id"], item["target"] == 1, size,
-                                 ugly_duckling)
+      jpeg = generators.render_image(generator, seed, item["image_name"], item["patient_id"], item["target"] == 1,
+                                     size, ugly_duckling)
       image = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((tile, tile), Image.BICUBIC)
       left, top = c * tile, r * (tile + label_h)
       sheet.paste(image, (left, top))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 
+from melanoma_jax.data.synthetic import generators
 from melanoma_jax.data.synthetic import render
 from melanoma_jax.utils import files
 
@@ -23,13 +24,16 @@ def _source_sha256():
 
 
 def dataset_params(num_patients, num_test_patients, image_size, seed, min_malignant, num_shards, train_csv,
-                   test_csv, ugly_duckling=0.0):
+                   test_csv, ugly_duckling=0.0, generator=generators.DEFAULT):
   """What determines the dataset's content (the manifest's key to reuse a finished folder).
 
   Includes a hash of the generator's source, so a changed generator never reuses an older dataset.
-  `ugly_duckling` is recorded only when set, so an ordinary set's parameters read as they always did.
+  `ugly_duckling` is recorded only when set and `generator` only when not "dermoscopy" (the default), so an
+  ordinary set's parameters read as they always did.
   """
   extra = {"ugly_duckling": float(ugly_duckling)} if ugly_duckling else {}
+  if generator != generators.DEFAULT:
+    extra["generator"] = generator
   return {**extra, "generator_version": GENERATOR_VERSION, "generator_sha256": _source_sha256(),
           "num_patients": num_patients,
           "num_test_patients": num_test_patients, "image_size": image_size, "seed": seed,

@@ -15,9 +15,9 @@ import pandas as pd
 from melanoma_jax.data import metadata
 from melanoma_jax.data import records
 from melanoma_jax.data.synthetic import contact_sheet
+from melanoma_jax.data.synthetic import generators
 from melanoma_jax.data.synthetic import manifest as manifest_lib
 from melanoma_jax.data.synthetic import patients
-from melanoma_jax.data.synthetic import render
 from melanoma_jax.utils.errors import InputError
 
 
@@ -39,13 +39,13 @@ def _with_progress(items, total, label, every_s=5.0):
 
 
 def _render_job(job):
-  """render_image of one job tuple; a module-level function, so a spawned pool can pickle it."""
-  return render.render_image(*job)
+  """generators.render_image of one job tuple; a module-level function, so a spawned pool can pickle it."""
+  return generators.render_image(*job)
 
 
-def _rendered(df, targets, seed, size, num_workers, label, ugly_duckling=0.0):
+def _rendered(df, targets, seed, size, num_workers, label, ugly_duckling=0.0, generator=generators.DEFAULT):
   """JPEG bytes of df's rows, in order, rendered in `num_workers` processes (1: in this one)."""
-  jobs = [(seed, name, patient, bool(t), size, ugly_duckling)
+  jobs = [(generator, seed, name, patient, bool(t), size, ugly_duckling)
           for name, patient, t in zip(df["image_name"], df["patient_id"], targets)]
   if num_workers <= 1:
     yield from _with_progress(map(_render_job, jobs), len(jobs), label)
@@ -76,6 +76,15 @@ synthetic test images (malignant at the train rate, {test_malignant} here), to s
 Files: `train*.tfrec` / `test*.tfrec` (resized layout, see `melanoma_jax/data/records.py`), `codes.json`,
 `contact_sheet.png` (examples per patient: benign, then the malignant one), `synthetic.json` (manifest,
 written last: a folder without it is incomplete).
+"""
+
+
+_PLAIN_README = """
+PLAIN GENERATOR (`generator="plain"`, `melanoma_jax/data/synthetic/plain.py`): unlike the description above,
+these images are NOT dermoscopy-like. Every image has the same flat skin colour (no texture, hair, uneven light
+or dark corners) and one flat lesion with a soft edge. A patient's benign nevi share a colour, darkness, size and
+outline; a melanoma is a typical nevus in another patient-like style, clearly unlike this patient's own. Benign
+and malignant images are distributed alike: an image alone says nothing, only the patient's other images do.
 """
 
 
@@ -143,16 +152,17 @@ def _write_dataset(tmp_dir, train_df, test_df, test_truth, params, num_workers):
   codes = records.fit_codes(train_df, test_df)
   shards = params["num_shards"]
   ugly_duckling = params.get("ugly_duckling", 0.0)
-  train_images = _rendered(train_df, train_df["target"], seed, size, num_workers, "train", ugly_duckling)
+  generator = params.get("generator", generators.DEFAULT)
+  train_images = _rendered(train_df, train_df["target"], seed, size, num_workers, "train", ugly_duckling, generator)
   records.write_resized_records(train_df, train_images, tmp_dir, "train",
                                 shards or _auto_shards(len(train_df)), codes)
   if len(test_df):
-    test_images = _rendered(test_df, test_truth, seed, size, num_workers, "test", ugly_duckling)
+    test_images = _rendered(test_df, test_truth, seed, size, num_workers, "test", ugly_duckling, generator)
     records.write_resized_records(test_df, test_images, tmp_dir, "test", shards or _auto_shards(len(test_df)),
                                   codes)
   records.save_codes(codes, os.path.join(tmp_dir, records.CODES_FILE))
   contact_sheet.write(train_df, seed, size, os.path.join(tmp_dir, "contact_sheet.png"),
-                      ugly_duckling=ugly_duckling)
+                      ugly_duckling=ugly_duckling, generator=generator)
   counts = {"train_patients": int(train_df["patient_id"].nunique()), "train_images": len(train_df),
             "train_malignant": int(train_df["target"].sum()),
             "test_patients": int(test_df["patient_id"].nunique()), "test_images": len(test_df),
@@ -163,6 +173,8 @@ def _write_dataset(tmp_dir, train_df, test_df, test_truth, params, num_workers):
       f.write(f"\nUGLY-DUCKLING SET (strength {ugly_duckling}): benign lesions are mostly the patient's own typical "
               "nevi and melanomas mostly typical nevi in a stranger's style; only within-patient comparison "
               "separates them.\n")
+    if generator == "plain":
+      f.write(_PLAIN_README)
   os.remove(os.path.join(tmp_dir, _PARTIAL_MARK))  # The manifest, written last, lists only the dataset.
   return manifest_lib.write_manifest(tmp_dir, params, counts)
 
@@ -180,7 +192,8 @@ def _summary(out_dir, manifest, seconds, reused):
 def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_size=128, seed=0,
                      num_test_patients=None, train_csv=metadata.EMBEDDED_TRAIN_CSV,
                      test_csv=metadata.EMBEDDED_TEST_CSV, num_shards=None,
-                     min_malignant=patients.DEFAULT_MIN_MALIGNANT, num_workers=1, ugly_duckling=0.0):
+                     min_malignant=patients.DEFAULT_MIN_MALIGNANT, num_workers=1, ugly_duckling=0.0,
+                     generator=generators.DEFAULT):
   """Draws images for a seeded patient subset of the real metadata and writes the resized-record set.
 
   Writes into out_dir: train.csv / test.csv (the real rows of the chosen patients), train*/test*.tfrec,
@@ -192,6 +205,8 @@ def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_
   shard (at most 16). See `patients.select_patients` for the subset and `min_malignant`.
   `ugly_duckling` in [0, 1]: the share of melanomas drawn as a stranger's typical nevus (and of benign
   lesions kept to the patient's own typical nevus), see `lesions.make_lesion_params`; 0 = the ordinary set.
+  `generator` one of `generators.GENERATORS`: "dermoscopy" (the default) or "plain" (`plain`, a structurally
+  different ugly-duckling set; needs ugly_duckling=1.0).
   """
   start = time.time()
   if image_size < 8:
@@ -200,6 +215,7 @@ def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_
     raise InputError(f"seed must be >= 0, got {seed}")
   if not 0.0 <= float(ugly_duckling) <= 1.0:
     raise InputError(f"ugly_duckling must be in [0, 1], got {ugly_duckling}")
+  generators.check(generator, ugly_duckling)
   out_dir = os.path.abspath(os.fspath(out_dir))
   train_all = metadata.load_metadata(train_csv, "train")
   test_all = metadata.load_metadata(test_csv, "test")
@@ -209,7 +225,8 @@ def generate_dataset(out_dir, num_patients=patients.DEFAULT_NUM_PATIENTS, image_
                                                            test_all["patient_id"].nunique())
   test_patients = patients.select_test_patients(test_all, num_test_patients, seed)
   params = manifest_lib.dataset_params(len(train_patients), len(test_patients), image_size, seed,
-                                       min_malignant, num_shards, train_csv, test_csv, float(ugly_duckling))
+                                       min_malignant, num_shards, train_csv, test_csv, float(ugly_duckling),
+                                       generator)
   manifest = manifest_lib.complete_manifest(out_dir, params)
   if manifest is not None:
     logging.info("%s: complete synthetic dataset with these parameters found, not regenerating", out_dir)
