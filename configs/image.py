@@ -82,4 +82,5 @@ def get_config():
   # 0..1: the share of melanomas drawn as the patient's "ugly duckling": a typical mole in another patient's
   # style, unremarkable alone (configs/ensemble_demo.py sets 1).
   config.synthetic.ugly_duckling = 0.0
+  config.synthetic.generator = "dermoscopy"  # Or "plain": flat lesions on one skin colour (needs ugly_duckling 1).
   return config

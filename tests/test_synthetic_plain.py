@@ -1,5 +1,5 @@
 """Tests of the plain synthetic generator: determinism, flat skin, patient styles measured from pixels, an
-image-only classifier at chance, the written set, refusals and the command line.
+image-only classifier at chance, the written set, refusals, the command line, the config field's run identity.
 
 Every style property is measured from the pixels (the mean colour and the area of the pixels that differ
 from the skin colour), not read from the generator's parameters.
@@ -8,6 +8,7 @@ import io
 import json
 import os
 
+import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from configs import image as image_config
 from melanoma_jax.data import records
 from melanoma_jax.data import sources
 from melanoma_jax.data import synthetic
@@ -22,6 +24,8 @@ from melanoma_jax.data.pipeline import ImagePipeline
 from melanoma_jax.data.synthetic import __main__ as synthetic_cli
 from melanoma_jax.data.synthetic import manifest as manifest_lib
 from melanoma_jax.data.synthetic import plain
+from melanoma_jax.image import setup
+from melanoma_jax.training import identity
 from melanoma_jax.utils.errors import InputError
 
 SIZE = 32
@@ -227,3 +231,36 @@ def test_cli_draws_a_plain_set_and_refuses_an_unknown_generator(tmp_path, capsys
   assert synthetic_cli.main(["--out", str(tmp_path / "bad"), *argv, "--generator", "nope"]) == 1
   assert capsys.readouterr().err.strip().splitlines() == [
       "error: generator must be one of dermoscopy, plain, got 'nope'"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The config field and the run identity.
+
+def test_config_passes_the_generator_only_when_not_the_default():
+  config = image_config.get_config()
+  assert config.synthetic.generator == "dermoscopy"
+  assert "generator" not in setup.resolve(config, num_devices=8, processes=(0, 1)).synthetic_kwargs
+  config.synthetic.generator, config.synthetic.ugly_duckling = "plain", 1.0
+  assert setup.resolve(config, num_devices=8, processes=(0, 1)).synthetic_kwargs["generator"] == "plain"
+
+
+def _without_generator(config):
+  tree = config.to_dict()
+  del tree["synthetic"]["generator"]
+  return ml_collections.ConfigDict(tree)
+
+
+def test_a_run_recorded_before_the_generator_field_still_matches(tmp_path):
+  config = image_config.get_config()
+  old = _without_generator(config)
+  assert identity.of(old, "digest") == identity.of(config, "digest")
+  plain_config = image_config.get_config()
+  plain_config.synthetic.generator = "plain"
+  plain_identity = identity.of(plain_config, "digest")
+  assert plain_identity["synthetic.generator"] == "plain" and plain_identity != identity.of(old, "digest")
+  workdir = str(tmp_path)
+  identity.check_or_record(workdir, identity.of(old, "digest"))  # Recorded before the field existed.
+  identity.check_or_record(workdir, identity.of(config, "digest"))  # The default matches it.
+  with pytest.raises(InputError, match="synthetic.generator None -> 'plain'"):
+    identity.check_or_record(workdir, plain_identity)
+  assert identity.recorded_config(workdir).synthetic.generator == "dermoscopy"

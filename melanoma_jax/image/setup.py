@@ -132,6 +132,8 @@ def _synthetic_kwargs(config):
     kwargs["num_patients"] = int(config.synthetic.num_patients)
   if config.synthetic.ugly_duckling:
     kwargs["ugly_duckling"] = float(config.synthetic.ugly_duckling)
+  if config.synthetic.generator != "dermoscopy":  # Only then: the default's kwargs stay as they were.
+    kwargs["generator"] = str(config.synthetic.generator)
   return kwargs
 
 

@@ -4,13 +4,17 @@ WORKDIR/run.json holds every config field that changes what the checkpoints mean
 folds and fold, seed, optimizer, batch, data source, ...) plus a hash of the data's CSVs. A later train or
 predict on the same workdir compares its config with that record alone, before restoring anything, and
 refuses a mismatch with one line naming the fields that differ. In a multi-process run every process
-checks an existing record, process 0 alone writes a new one, and the others check it after a barrier. Fields that may change between runs of the
-same model (`MAY_CHANGE`: more epochs, logging, prediction-time settings) are left out of the record.
+checks an existing record, process 0 alone writes a new one, and the others check it after a barrier. Fields
+that may change between runs of the same model (`MAY_CHANGE`: more epochs, logging, prediction-time settings)
+are left out of the record. So are fields added to the config after runs were recorded (`ADDED`) while they
+hold the value every earlier run had, so a workdir recorded before such a field existed still matches; any
+other value is recorded and compared.
 
 `recorded_config(workdir)` gives the config of the run a workdir holds, with no --config: results.json's
 full config (written when training finishes), run.json's fields over it (authoritative for every field that
 defines the model, and present whenever there is a checkpoint), then each `MAY_CHANGE` field neither holds
-at its default there (a run that never finished predicts without TTA).
+at its default there (a run that never finished predicts without TTA), and each `ADDED` field neither holds
+at the value earlier runs had, where its section exists (a tabular run gets no synthetic section).
 """
 import hashlib
 import json
@@ -31,6 +35,10 @@ MAY_CHANGE = {
     "num_epochs": 1,  # Extends a run (or, tabular, raises the early-stopping ceiling).
     "log_every_steps": 1, "checkpoints_to_keep": 1, "tta": False, "skip_corrupt": False, "calibrate": False,
     "model.remat": False, "model.kernels": "auto",  # How the same values are computed.
+}
+# Fields added to the config after runs were recorded, with the value every earlier run had.
+ADDED = {
+    "synthetic.generator": "dermoscopy",  # Another generator also changes the data digest (its record files).
 }
 
 
@@ -68,7 +76,8 @@ def data_digest(train_csv, test_csv):
 def of(config, digest):
   """The identity of a run of `config` on data whose `data_digest` is `digest`."""
   fields = _flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
-  identity = {k: v for k, v in sorted(fields.items()) if k not in MAY_CHANGE}
+  identity = {k: v for k, v in sorted(fields.items())
+              if k not in MAY_CHANGE and not (k in ADDED and v == ADDED[k])}
   identity["data.csv_sha256"] = digest
   return json.loads(json.dumps(identity, default=str))  # As it reads back from run.json.
 
@@ -144,6 +153,10 @@ def recorded_config(workdir, overrides=None) -> ml_collections.ConfigDict:
       _set(tree, field, value)
   for field, value in MAY_CHANGE.items():
     if not _has(tree, field):
+      _set(tree, field, value)
+  for field, value in ADDED.items():
+    section = field.rpartition(".")[0]
+    if not _has(tree, field) and (not section or _has(tree, section)):
       _set(tree, field, value)
   for field, value in (overrides or {}).items():
     _set(tree, field, value)
