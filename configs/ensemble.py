@@ -17,8 +17,13 @@ def get_config():
   # duckling, found only by comparing a patient's images), 0 the ordinary set.
   config.synthetic.ugly_duckling = 0.0
   config.ensemble = ml_collections.ConfigDict()
-  # Model families of each second stage (fusion.CANDIDATES); each stage keeps the best out-of-fold AUC.
-  config.ensemble.candidates = ("hgb", "logistic")
-  # Directions of the patients' "style" the image context measures distances in (context.fit_style).
+  # Image feature sets of the second stage's candidates (fusion.IMAGE_SETS: base, style, embedding, all),
+  # each with and without the metadata, in each model family (fusion.FAMILIES: logistic, hgb).
+  config.ensemble.feature_sets = ("base", "style", "embedding", "all")
+  config.ensemble.families = ("logistic", "hgb")
+  # How a stage chooses among its candidates out of fold (choice.RULES): "one_se" keeps the simplest within
+  # one standard error of the best AUC, "best" the best.
+  config.ensemble.choice = "one_se"
+  # Directions of the patients' "style" the style geometry measures distances in (context.fit_space).
   config.ensemble.style_components = 8
   return config

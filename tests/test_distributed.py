@@ -230,7 +230,7 @@ def test_an_error_ends_every_process(data_dir, tmp_path):
 
 ENSEMBLE = ["--config.model.name=tiny", "--config.image_size=75", "--config.num_folds=2", "--config.num_epochs=1",
             "--config.freeze_backbone_epochs=0", "--config.per_device_batch_size=2",
-            "--config.max_steps_per_epoch=3", "--config.ensemble.candidates=('logistic',)", "--jax_cache_dir="]
+            "--config.max_steps_per_epoch=3", "--config.ensemble.families=('logistic',)", "--jax_cache_dir="]
 
 
 @pytest.fixture(scope="module")

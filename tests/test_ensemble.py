@@ -40,8 +40,11 @@ def _context(patients, probs, embeddings):
 def test_single_image_patient_gets_the_neutral_values():
   out = _context(["A", "B", "B"], [0.9, 0.1, 0.2], [[5.0], [0.0], [1.0]])
   row = out.iloc[0]
-  assert row["pred_rank"] == 0.5 and row["pred_z"] == 0.0 and row["dist_z"] == 0.0
-  assert row["dist_mean"] == 1.0 and row["dist_nearest"] == 1.0
+  assert row["pred_rank"] == 0.5 and row["pred_z"] == 0.0
+  for g in context.GEOMETRIES:
+    assert row[f"{g}_dist_z"] == 0.0 and row[f"{g}_dist_mean"] == 1.0 and row[f"{g}_dist_nearest"] == 1.0
+    assert row[f"{g}_lof"] == 0.0
+  assert (out.filter(like="_absz").iloc[0] == 0.0).all()
   assert row["log_images"] == pytest.approx(np.log(2.0))
   assert out["log_images"].iloc[1] == pytest.approx(np.log(3.0))
 
@@ -56,12 +59,36 @@ def test_prediction_rank_and_z_score_within_the_patient():
 
 def test_embedding_distances_scaled_by_the_patients_spread():
   # One dimension: distances 0-1 1, 0-2 2, 0-3 12, 1-2 1, 1-3 11, 2-3 10; spread = median = (2 + 10) / 2.
+  # One patient: the style geometry is the standardised embedding too (no other patient to tell apart).
   out = _context(["P"] * 4, [0.5] * 4, [[0.0], [1.0], [2.0], [12.0]])
   means = np.array([15, 13, 13, 33]) / 3.0
-  np.testing.assert_allclose(out["dist_mean"], means / 6.0)
-  np.testing.assert_allclose(out["dist_nearest"], np.array([1, 1, 1, 10]) / 6.0)
-  np.testing.assert_allclose(out["dist_z"], (means - means.mean()) / means.std())
-  assert out["dist_z"].idxmax() == 3  # The ugly duckling.
+  for g in context.GEOMETRIES:
+    np.testing.assert_allclose(out[f"{g}_dist_mean"], means / 6.0)
+    np.testing.assert_allclose(out[f"{g}_dist_nearest"], np.array([1, 1, 1, 10]) / 6.0)
+    np.testing.assert_allclose(out[f"{g}_dist_z"], (means - means.mean()) / means.std())
+    assert out[f"{g}_dist_z"].idxmax() == 3  # The ugly duckling.
+    assert (out[f"{g}_lof"] == 0.0).all()  # Four images: too few for a local outlier factor.
+
+
+def test_local_outlier_factor_and_principal_z_scores_find_the_stranger():
+  # Patient P: five images around 0 and a stranger far out along dimension 0; Q and R give the principal
+  # axes another patient's worth of spread. The stranger has the largest log LOF and |z| on the first axis.
+  rng = np.random.default_rng(0)
+  p = np.concatenate([0.3 * rng.normal(size=(5, 3)), [[6.0, 0.0, 0.0]]])
+  embeddings = np.concatenate([p, 0.3 * rng.normal(size=(6, 3)) + [0, 3, 0], 0.3 * rng.normal(size=(6, 3))])
+  patients = ["P"] * 6 + ["Q"] * 6 + ["R"] * 6
+  out = _context(patients, np.full(18, 0.3), embeddings)
+  lof = out["embedding_lof"][:6]
+  assert lof.idxmax() == 5 and lof[5] > 0.5 and (lof[:5].abs() < 0.5).all()
+  # The style geometry whitens by the within-patient spread, which the stranger itself inflates along
+  # dimension 0: it shrinks the one direction the stranger breaks (why both geometries are kept).
+  assert out["style_lof"][5] < 0.5
+  space = context.fit_space(embeddings, patients)
+  assert space.principal.shape == (3, 3)  # Three dimensions: three axes, the fourth feature stays neutral.
+  first = ((embeddings[:6] - space.mean) / space.scale) @ space.principal[:, 0]
+  np.testing.assert_allclose(out["pc1_absz"][:6], np.abs(first - first.mean()) / first.std(), rtol=1e-9)
+  assert out["pc1_absz"][:6].idxmax() == 5
+  assert (out["pc4_absz"] == 0.0).all()
 
 
 def test_distances_are_scale_free_and_identical_images_are_neutral():
@@ -70,7 +97,9 @@ def test_distances_are_scale_free_and_identical_images_are_neutral():
   b = _context(["P"] * 3, [0.2] * 3, embeddings * [10.0, 10.0])
   pd.testing.assert_frame_equal(a, b)
   same = _context(["P"] * 3, [0.2, 0.3, 0.4], np.ones((3, 4)))
-  assert (same["dist_mean"] == 1.0).all() and (same["dist_nearest"] == 1.0).all() and (same["dist_z"] == 0).all()
+  for g in context.GEOMETRIES:
+    assert (same[f"{g}_dist_mean"] == 1.0).all() and (same[f"{g}_dist_nearest"] == 1.0).all()
+    assert (same[f"{g}_dist_z"] == 0).all()
 
 
 def test_context_is_per_row_and_order_free():
@@ -93,9 +122,9 @@ def test_style_coordinates_find_the_duckling_among_noisier_features():
   embeddings = np.concatenate([style[:, None] + 0.1 * rng.normal(size=(len(patients), 1)),
                                3.0 * rng.normal(size=(len(patients), 30))], axis=1)
   found = context.image_context(patients, np.full(len(patients), 0.1), embeddings, components=2)
-  assert metrics.roc_auc(duckling, found["dist_nearest"]) > 0.95
-  plain = context.image_context(patients, np.full(len(patients), 0.1), embeddings, components=31)
-  assert metrics.roc_auc(duckling, plain["dist_nearest"]) < 0.8  # All directions: the noise hides it.
+  assert metrics.roc_auc(duckling, found["style_dist_nearest"]) > 0.95
+  # Every direction, standardised: the noise hides it.
+  assert metrics.roc_auc(duckling, found["embedding_dist_nearest"]) < 0.8
 
 
 def test_fold_averaged_test_context_is_the_mean_of_each_models_context():
@@ -140,7 +169,7 @@ def test_fit_oof_never_shows_a_fold_its_own_rows():
 
 def test_a_folds_stage_and_calibration_ignore_its_own_targets(monkeypatch):
   # A short boosting run: the discipline is what is tested, not the family's settings.
-  monkeypatch.setitem(fusion.CANDIDATES, "hgb", lambda seed: HistGradientBoostingClassifier(
+  monkeypatch.setitem(fusion.FAMILIES, "hgb", lambda seed: HistGradientBoostingClassifier(
       max_iter=20, min_samples_leaf=5, random_state=seed))
   df = _table()
   fold_ids = folds_lib.assign_folds(df, 3, 0)
@@ -149,11 +178,14 @@ def test_a_folds_stage_and_calibration_ignore_its_own_targets(monkeypatch):
   y = df["target"].to_numpy()
   flipped = y.copy()
   flipped[fold_ids == 0] = 1 - flipped[fold_ids == 0]
-  for candidate in fusion.CANDIDATES:
-    a = fusion.stage_oof(fusion.STAGES["fusion"], candidate, df, images, y, fold_ids)
-    b = fusion.stage_oof(fusion.STAGES["fusion"], candidate, df, images, flipped, fold_ids)
+  for family in fusion.FAMILIES:
+    candidate = fusion.Candidate("all", True, family)
+    (a, inner_a), (b, inner_b) = (fusion.candidate_oof(candidate, df, images, t, fold_ids) for t in (y, flipped))
     np.testing.assert_allclose(a[fold_ids == 0], b[fold_ids == 0])
     assert not np.allclose(a[fold_ids != 0], b[fold_ids != 0])
+    # The inner predictions that choose for fold 0 never saw fold 0's targets either.
+    np.testing.assert_allclose(inner_a[0], inner_b[0])
+    assert np.isnan(inner_a[0][fold_ids == 0]).all() and not np.isnan(inner_a[0][fold_ids != 0]).any()
   scores = rng.uniform(0.01, 0.99, len(df))
   np.testing.assert_allclose(fusion.calibrate_oof(scores, y, fold_ids)[fold_ids == 0],
                              fusion.calibrate_oof(scores, flipped, fold_ids)[fold_ids == 0])
@@ -244,10 +276,10 @@ def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv):
         features[fold_ids == k], test_df["image_name"].to_numpy(), model.predict_proba(test_features)[:, 1],
         test_features))
   images, image_probs = task.image_stage(train_df, fold_ids, per_fold)
-  oof, stages, _, _ = task.fit_stages(train_df, images, fold_ids, ("logistic",), 0)
+  oof, stages, _ = task.fit_stages(train_df, images, fold_ids, fusion.candidates(families=("logistic",)), 0)
   fused = fusion.calibrate_oof(oof["fusion"], y, fold_ids)
   per_fold_test = task.test_outputs(test_df, per_fold)
-  final = fitted.FittedEnsemble(tuple(range(4)), (-1,) * 4, task.test_projections(test_df, per_fold_test), stages,
+  final = fitted.FittedEnsemble(tuple(range(4)), (-1,) * 4, task.test_spaces(test_df, per_fold_test), stages,
                                 calibration.PlattCalibrator.fit(oof["fusion"], y))
   test = final.predict(test_df, per_fold_test)
   test_probs, test_fused = test["pred_image"].to_numpy(), test["prediction"].to_numpy()
@@ -269,7 +301,7 @@ def ensemble_run(tmp_path_factory):
              "--config=" + os.path.join(REPO, "configs", "ensemble_demo.py"),
              f"--workdir={workdir}", "--jax_cache_dir=", "--config.model.name=tiny", "--config.num_folds=2",
              "--config.num_epochs=1", "--config.freeze_backbone_epochs=0", "--config.synthetic.num_patients=30",
-             "--config.synthetic.image_size=32", "--config.ensemble.candidates=('logistic',)"]
+             "--config.synthetic.image_size=32", "--config.ensemble.families=('logistic',)"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device: as users run it.
   first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -286,7 +318,7 @@ def test_main_ensemble_demo_tiny_end_to_end(ensemble_run):
   assert sorted(submission["image_name"]) == sorted(pd.read_csv(workdir / "data" / "test.csv")["image_name"])
   results = json.loads((workdir / "results.json").read_text())
   assert set(results["stage_oof_auc"]) == {"image", "tabular", "image_context", "fusion", "fused"}
-  assert results["fusion_model"] == "logistic"
+  assert results["fusion_model"].endswith("/logistic") and results["choice_rule"] == "one_se"
   assert results["fusion_sha256"] == files.sha256(workdir / fitted.FILE)
   for fold in range(2):
     assert (workdir / f"fold_{fold}" / "run.json").exists()
@@ -447,12 +479,14 @@ def test_ensemble_refusals_are_one_line(ensemble_run, patient_images, tmp_path):
   assert not (tmp_path / "p.csv").exists()
 
 
-def test_a_fitted_style_projection_makes_context_independent_of_other_patients():
+def test_a_fitted_context_space_makes_context_independent_of_other_patients():
   rng = np.random.default_rng(0)
   patients = np.repeat(["A", "B", "C", "D"], 5)
   probs, embeddings = rng.uniform(0.05, 0.95, 20), rng.normal(size=(20, 6))
-  projection = context.fit_style(embeddings, patients, components=2)
-  np.testing.assert_allclose(projection(embeddings), context.fit_style(embeddings, patients, 2)(embeddings))
-  whole = context.image_context(patients, probs, embeddings, projection=projection)
-  alone = context.image_context(patients[:5], probs[:5], embeddings[:5], projection=projection)
+  space = context.fit_space(embeddings, patients, components=2)
+  again = context.fit_space(embeddings, patients, 2)
+  for field in ("mean", "scale", "style", "principal"):
+    np.testing.assert_allclose(getattr(space, field), getattr(again, field))
+  whole = context.image_context(patients, probs, embeddings, space=space)
+  alone = context.image_context(patients[:5], probs[:5], embeddings[:5], space=space)
   np.testing.assert_allclose(alone.to_numpy(), whole.to_numpy()[:5])

@@ -23,8 +23,11 @@ from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "melanoma_jax"
-# Each stage's candidate: both families, a gradient-boosting and a logistic stage each with tabular inputs.
+# Each stage's family and inputs: both families, a gradient-boosting and a logistic stage each with tabular
+# inputs, image columns of two different sets.
 CANDIDATES = {"tabular": "hgb", "image_context": "hgb", "fusion": "logistic"}
+INPUTS = {"tabular": fusion.Inputs((), True), "image_context": fusion.Inputs(fusion.IMAGE_SETS["style"], False),
+          "fusion": fusion.Inputs(fusion.IMAGE_SETS["all"], True)}
 
 
 def _table(n_patients, seed):
@@ -53,18 +56,18 @@ def ensemble():
   """(FittedEnsemble with hgb and logistic stages, test table, per-fold test outputs), fitted once."""
   with pytest.MonkeyPatch.context() as patch:
     # A short boosting run with small leaves, so the trees really split on these few rows.
-    patch.setitem(fusion.CANDIDATES, "hgb", lambda seed: HistGradientBoostingClassifier(
+    patch.setitem(fusion.FAMILIES, "hgb", lambda seed: HistGradientBoostingClassifier(
         max_iter=20, min_samples_leaf=5, random_state=seed))
     train, test = _table(40, 0), _table(12, 1)
     fold_ids = folds_lib.assign_folds(train, 3, 0)
     y = train["target"].to_numpy()
     rng = np.random.default_rng(2)
     images = rng.normal(size=(len(train), len(fusion.IMAGE_COLUMNS))) + y[:, None]
-    stages = {name: fusion.Stage(fusion.STAGES[name], candidate, seed).fit(train, images, y)
+    stages = {name: fusion.Stage(INPUTS[name], candidate, seed).fit(train, images, y)
               for seed, (name, candidate) in enumerate(CANDIDATES.items())}
-    oof = fusion.stage_oof(fusion.STAGES["fusion"], "logistic", train, images, y, fold_ids)
+    oof, _ = fusion.candidate_oof(fusion.Candidate("all", True, "logistic"), train, images, y, fold_ids)
   per_fold_test = _fold_outputs(test, 3, 3)
-  final = fitted.FittedEnsemble((0, 1, 2), (30, 31, 32), task.test_projections(test, per_fold_test), stages,
+  final = fitted.FittedEnsemble((0, 1, 2), (30, 31, 32), task.test_spaces(test, per_fold_test), stages,
                                 calibration.PlattCalibrator.fit(oof, y))
   return final, test, per_fold_test
 
@@ -123,20 +126,20 @@ def _pickle_payload(marker, proof):
 def test_a_round_trip_predicts_exactly_the_same(ensemble, tmp_path):
   final, test, per_fold_test = ensemble
   path, digest = _saved(ensemble, tmp_path)
-  assert fitted.FILE == "fusion.zip" and fitted.VERSION == 2
+  assert fitted.FILE == "fusion.zip" and fitted.VERSION == 3
   assert digest == files.sha256(path) and sorted(os.listdir(tmp_path)) == [fitted.FILE]  # No temporary left.
-  assert set(_members(path)) == {fitted.DOCUMENT, fitted.PROJECTIONS, "stage_tabular.skops",
+  assert set(_members(path)) == {fitted.DOCUMENT, fitted.SPACES, "stage_tabular.skops",
                                  "stage_image_context.skops", "stage_fusion.skops"}
   loaded = fitted.load(str(tmp_path))
-  assert loaded.folds == (0, 1, 2) and loaded.fold_steps == (30, 31, 32) and loaded.version == 2
+  assert loaded.folds == (0, 1, 2) and loaded.fold_steps == (30, 31, 32) and loaded.version == 3
   assert loaded.calibrator == final.calibrator
   assert list(loaded.stages) == list(CANDIDATES)
   for name, stage in loaded.stages.items():
     original = final.stages[name]
-    assert (stage.inputs, stage.candidate, stage.seed) == (original.inputs, original.candidate, original.seed)
+    assert (stage.inputs, stage.family, stage.seed) == (original.inputs, original.family, original.seed)
     assert stage.preprocessor == original.preprocessor and type(stage.estimator) is type(original.estimator)
-  for mine, theirs in zip(loaded.projections, final.projections):
-    for field in ("mean", "scale", "matrix"):
+  for mine, theirs in zip(loaded.spaces, final.spaces):
+    for field in ("mean", "scale", "style", "principal"):
       np.testing.assert_array_equal(getattr(mine, field), getattr(theirs, field))
   before, after = final.predict(test, per_fold_test), loaded.predict(test, per_fold_test)
   assert list(before.columns) == ["pred_image", "pred_tabular", "pred_image_context", "pred_fusion", "prediction"]
@@ -148,12 +151,12 @@ def test_the_description_is_plain_json_and_the_arrays_need_no_pickle(ensemble, t
   path, _ = _saved(ensemble, tmp_path)
   members = _members(path)
   document = json.loads(members[fitted.DOCUMENT])
-  assert document["version"] == 2 and document["folds"] == [0, 1, 2]
+  assert document["version"] == 3 and document["folds"] == [0, 1, 2]
   assert document["calibrator"] == {"a": ensemble[0].calibrator.a, "b": ensemble[0].calibrator.b}
   assert document["stages"]["fusion"]["preprocessor"] == ensemble[0].stages["fusion"].preprocessor.to_dict()
   assert document["stages"]["image_context"]["preprocessor"] is None
-  with np.load(io.BytesIO(members[fitted.PROJECTIONS]), allow_pickle=False) as arrays:
-    assert sorted(arrays) == sorted(f"{f}_{k}" for f in ("mean", "scale", "matrix") for k in range(3))
+  with np.load(io.BytesIO(members[fitted.SPACES]), allow_pickle=False) as arrays:
+    assert sorted(arrays) == sorted(f"{f}_{k}" for f in ("mean", "scale", "style", "principal") for k in range(3))
   for name, candidate in CANDIDATES.items():
     data = members[f"stage_{name}.skops"]
     assert set(sio.get_untrusted_types(data=data)) <= set(fitted.TRUSTED_TYPES[candidate])
@@ -188,7 +191,7 @@ def test_an_old_pickle_alone_is_refused_unloaded_and_replaced_by_a_refit(ensembl
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "flipped", "pickle", "not_json",
-                                    "no_estimator", "no_projections", "bad_projection", "bad_stage"])
+                                    "no_estimator", "no_spaces", "bad_space", "bad_stage"])
 def test_a_corrupt_or_truncated_file_is_refused(ensemble, tmp_path, damage):
   path, _ = _saved(ensemble, tmp_path)
   data = path.read_bytes()
@@ -214,13 +217,13 @@ def test_a_corrupt_or_truncated_file_is_refused(ensemble, tmp_path, damage):
       with zipfile.ZipFile(path, "w") as archive:
         for name, member in members.items():
           archive.writestr(name, member)
-    elif damage == "no_projections":
-      document["projections"] = 4
+    elif damage == "no_spaces":
+      document["spaces"] = 4
       _rewrite(path, fitted__json=json.dumps(document).encode())
-    elif damage == "bad_projection":
+    elif damage == "bad_space":
       buffer = io.BytesIO()
-      np.savez(buffer, **{f"{f}_{k}": np.zeros((2, 2)) for f in ("mean", "scale", "matrix") for k in range(3)})
-      _rewrite(path, projections__npz=buffer.getvalue())
+      np.savez(buffer, **{f"{f}_{k}": np.zeros((2, 2)) for f in ("mean", "scale", "style", "principal") for k in range(3)})
+      _rewrite(path, spaces__npz=buffer.getvalue())
     elif damage == "bad_stage":
       document["stages"]["fusion"]["inputs"] = {"image": "yes", "tabular": True}
       _rewrite(path, fitted__json=json.dumps(document).encode())
@@ -229,19 +232,19 @@ def test_a_corrupt_or_truncated_file_is_refused(ensemble, tmp_path, damage):
   assert not marker.exists()
 
 
-@pytest.mark.parametrize("version", [1, 3, "2", None])
+@pytest.mark.parametrize("version", [2, 4, "3", None])
 def test_another_format_version_is_refused(ensemble, tmp_path, version):
   path, _ = _saved(ensemble, tmp_path)
   document = json.loads(_members(path)[fitted.DOCUMENT])
   document["version"] = version
   _rewrite(path, fitted__json=json.dumps(document).encode())
-  _refusal(tmp_path, rf"^{re.escape(str(path))}: format version {re.escape(repr(version))}, this code reads 2; "
+  _refusal(tmp_path, rf"^{re.escape(str(path))}: format version {re.escape(repr(version))}, this code reads 3; "
                      r"rerun the same main.py command on this workdir to rewrite it$")
 
 
 def test_a_file_of_another_format_is_refused(ensemble, tmp_path):
   path, _ = _saved(ensemble, tmp_path)
-  _rewrite(path, fitted__json=json.dumps({"format": "something else", "version": 2}).encode())
+  _rewrite(path, fitted__json=json.dumps({"format": "something else", "version": 3}).encode())
   _refusal(tmp_path, r"fusion.zip: fitted.json is not a fitted ensemble's description$")
 
 

@@ -1,10 +1,10 @@
 """W/fusion.zip: the ensemble's fitted second stage, what predicting new images needs beyond the fold models.
 
 `FittedEnsemble` holds, for fold models 0..K-1 (each fold's best checkpoint, whose step it records):
-  * `projections`: each fold model's StyleProjection (context.fit_style, fitted on its outputs for all test
-    rows, patient ids only: the test rows and new images are projected alike);
-  * `stages`: every stage (fusion.STAGES) fitted on all out-of-fold training rows, its tabular encoder
-    (tabular/features.py's Preprocessor, patient context included) fitted on them too;
+  * `spaces`: each fold model's ContextSpace (context.fit_space, fitted on its outputs for all test rows,
+    patient ids only: the test rows and new images are measured alike);
+  * `stages`: every stage (fusion.STAGES), its chosen candidate fitted on all out-of-fold training rows, its
+    tabular encoder (tabular/features.py's Preprocessor, patient context included) fitted on them too;
   * `calibrator`: the Platt calibrator of the fusion stage, fitted on all out-of-fold fusion scores.
 `predict(table, per_fold)` is the one path from fold models' outputs to the stages' probabilities: the
 ensemble's own test stage (test_stages.csv) and the predict command on new image files both go through it,
@@ -13,17 +13,18 @@ so a set of files equal to all test images of some patients gets exactly the tes
 The file is one zip (written atomically; its sha256 is results.json's `fusion_sha256`) from which loading
 never runs code, so a workdir received from someone else is safe to predict with:
   * `fitted.json`: format name and `VERSION`, folds, fold_steps, the calibrator's a and b, and per stage
-    (in order) its inputs, candidate, seed and tabular encoder (`Preprocessor.to_dict`): plain JSON;
-  * `projections.npz`: mean_k, scale_k, matrix_k of each fold model's projection, read with
+    (in order) its inputs (image columns, tabular or not), family, seed and tabular encoder
+    (`Preprocessor.to_dict`): plain JSON;
+  * `spaces.npz`: mean_k, scale_k, style_k, principal_k of each fold model's context space, read with
     allow_pickle=False (numbers only);
   * `stage_<name>.skops`: each stage's scikit-learn estimator in skops.io's format (no pickle). Before
-    skops builds anything, every type named in the file must be on `TRUSTED_TYPES[candidate]`, the exact
-    types that candidate's estimator is made of (skops' own, wider default list is not relied on); after,
-    the estimator must be the candidate's class over the stage's design width, and a gradient-boosting
+    skops builds anything, every type named in the file must be on `TRUSTED_TYPES[family]`, the exact
+    types that family's estimator is made of (skops' own, wider default list is not relied on); after,
+    the estimator must be the family's class over the stage's design width, and a gradient-boosting
     model's trees must only point at later nodes and existing features (scikit-learn follows them
     without bounds checks).
 `load` refuses, with one line naming the file, a missing, unreadable, corrupt or truncated file, another
-format version, a tampered estimator, and a W/fusion.pkl left by an older version (a pickle: never loaded).
+format version (older versions are refitted by rerunning the ensemble), a tampered estimator, and a W/fusion.pkl left by an older version (a pickle: never loaded).
 """
 import dataclasses
 import io
@@ -48,12 +49,13 @@ from melanoma_jax.utils.errors import InputError
 
 FILE = "fusion.zip"
 LEGACY_FILE = "fusion.pkl"  # Versions before 2: a pickle, never loaded (unpickling can run code).
-VERSION = 2
+VERSION = 3  # 3: context spaces in two geometries, stages with chosen image columns.
 FORMAT = "melanoma_jax fitted ensemble"
 DOCUMENT = "fitted.json"
-PROJECTIONS = "projections.npz"
+SPACES = "spaces.npz"
+_SPACE_FIELDS = ("mean", "scale", "style", "principal")
 
-# skops.io types (module.class as the file names them) each candidate's fitted estimator is made of,
+# skops.io types (module.class as the file names them) each family's fitted estimator is made of,
 # scikit-learn 1.9 / numpy 2.x; and the skops node loaders those need. Anything else is refused unbuilt.
 _PLAIN = ("builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "numpy.ndarray")
 TRUSTED_TYPES = {
@@ -80,7 +82,7 @@ class FittedEnsemble:
   """The fitted second stage of an ensemble workdir (see the module doc)."""
   folds: Tuple[int, ...]
   fold_steps: Tuple[int, ...]  # Best checkpoint step of each fold model whose outputs the stages saw.
-  projections: Tuple[context_lib.StyleProjection, ...]
+  spaces: Tuple[context_lib.ContextSpace, ...]
   stages: Dict[str, fusion.Stage]
   calibrator: calibration.PlattCalibrator
   version: int = VERSION
@@ -90,13 +92,14 @@ class FittedEnsemble:
     prediction (the calibrated fusion) for the rows of `table` (patient_id + the metadata columns).
 
     `per_fold`: [(probabilities [rows], embeddings [rows, F])] of every fold model, in `folds` order. Image
-    context is computed among the same patient's rows of `table` only, one per fold model, averaged.
+    context is computed among the same patient's rows of `table` only, one per fold model (in its context
+    space), averaged.
     """
     if len(per_fold) != len(self.folds):
       raise InputError(f"{FILE}: fitted on {len(self.folds)} fold models' outputs, given {len(per_fold)}")
     probs = np.mean([np.asarray(p, np.float64) for p, _ in per_fold], axis=0)
     image_context = context_lib.fold_averaged_context(table["patient_id"].to_numpy(), per_fold,
-                                                      projections=list(self.projections))
+                                                      spaces=list(self.spaces))
     images = fusion.image_block(probs, image_context)
     out = {"pred_image": probs}
     for name, stage in self.stages.items():
@@ -116,18 +119,18 @@ def save(fitted, workdir):
   document = {"format": FORMAT, "version": VERSION, "folds": [int(f) for f in fitted.folds],
               "fold_steps": [int(s) for s in fitted.fold_steps],
               "calibrator": {"a": float(fitted.calibrator.a), "b": float(fitted.calibrator.b)},
-              "projections": len(fitted.projections),
+              "spaces": len(fitted.spaces),
               "stages": {name: stage.to_dict() for name, stage in fitted.stages.items()}}
   arrays = {}
-  for k, projection in enumerate(fitted.projections):
-    for field in ("mean", "scale", "matrix"):
-      arrays[f"{field}_{k}"] = np.asarray(getattr(projection, field))
+  for k, space in enumerate(fitted.spaces):
+    for field in _SPACE_FIELDS:
+      arrays[f"{field}_{k}"] = np.asarray(getattr(space, field))
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   path = os.path.join(workdir, FILE)
   with files.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
     archive.writestr(DOCUMENT, json.dumps(document, indent=1))
-    archive.writestr(PROJECTIONS, buffer.getvalue())
+    archive.writestr(SPACES, buffer.getvalue())
     for name, stage in fitted.stages.items():
       archive.writestr(_estimator_member(name), sio.dumps(stage.estimator))
   legacy = os.path.join(workdir, LEGACY_FILE)
@@ -187,33 +190,33 @@ def _fitted(path, archive, document):
   a, b = document["calibrator"]["a"], document["calibrator"]["b"]
   if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
     raise ValueError(f"calibrator a={a!r}, b={b!r} must be numbers")
-  count = document["projections"]
+  count = document["spaces"]
   if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-    raise ValueError(f"projections {count!r} must be a count")
-  projections = []
-  with np.load(io.BytesIO(_read(archive, PROJECTIONS)), allow_pickle=False) as saved:
+    raise ValueError(f"spaces {count!r} must be a count")
+  spaces = []
+  with np.load(io.BytesIO(_read(archive, SPACES)), allow_pickle=False) as saved:
     for k in range(count):
-      mean, scale, matrix = (saved[f"{field}_{k}"] for field in ("mean", "scale", "matrix"))
-      if (any(x.dtype.kind != "f" for x in (mean, scale, matrix)) or mean.ndim != 1 or scale.shape != mean.shape
-          or matrix.ndim != 2 or matrix.shape[0] != len(mean)):
-        raise ValueError(f"projection {k}: arrays of shapes {mean.shape}, {scale.shape}, {matrix.shape} and "
-                         f"dtypes {mean.dtype}, {scale.dtype}, {matrix.dtype}, not float [F], [F], [F, k]")
-      projections.append(context_lib.StyleProjection(mean=mean, scale=scale, matrix=matrix))
+      mean, scale, style, principal = (saved[f"{field}_{k}"] for field in _SPACE_FIELDS)
+      arrays = (mean, scale, style, principal)
+      if (any(x.dtype.kind != "f" for x in arrays) or mean.ndim != 1 or scale.shape != mean.shape
+          or any(m.ndim != 2 or m.shape[0] != len(mean) for m in (style, principal))):
+        raise ValueError(f"space {k}: arrays of shapes {', '.join(str(x.shape) for x in arrays)} and dtypes "
+                         f"{', '.join(str(x.dtype) for x in arrays)}, not float [F], [F], [F, k], [F, p]")
+      spaces.append(context_lib.ContextSpace(mean=mean, scale=scale, style=style, principal=principal))
   described = document["stages"]
   if not isinstance(described, dict) or "fusion" not in described:
     raise ValueError("stages must be a mapping that includes the fusion stage")
   stages = {}
   for name, d in described.items():
     member = _estimator_member(name)
-    candidate = d["candidate"]
-    if candidate not in TRUSTED_TYPES:
-      raise InputError(f"{path}: stage {name}: candidate {candidate!r} must be one of "
-                       f"{', '.join(TRUSTED_TYPES)}")
-    estimator = _estimator(path, member, candidate, _read(archive, member))
+    family = d["family"]
+    if family not in TRUSTED_TYPES:
+      raise InputError(f"{path}: stage {name}: family {family!r} must be one of {', '.join(TRUSTED_TYPES)}")
+    estimator = _estimator(path, member, family, _read(archive, member))
     stage = fusion.Stage.from_dict(d, estimator)
     _check_estimator(path, member, stage)
     stages[name] = stage
-  return FittedEnsemble(folds, fold_steps, tuple(projections), stages,
+  return FittedEnsemble(folds, fold_steps, tuple(spaces), stages,
                         calibration.PlattCalibrator(float(a), float(b)))
 
 
@@ -234,20 +237,20 @@ def _schema_types(node, found):
   return found
 
 
-def _estimator(path, member, candidate, data):
+def _estimator(path, member, family, data):
   """The estimator of skops bytes `data`, refused unbuilt when the file names any type or loader that the
-  candidate's estimator is not made of."""
+  family's estimator is not made of."""
   import skops.io as sio  # pylint: disable=g-import-not-at-top
   from skops.io.exceptions import UntrustedTypesFoundException  # pylint: disable=g-import-not-at-top
   with zipfile.ZipFile(io.BytesIO(data)) as inner:
     if sum(info.file_size for info in inner.infolist()) > _MAX_BYTES:
       raise ValueError(f"{member}: declares more than {_MAX_BYTES} bytes")
     found = _schema_types(json.loads(_read(inner, "schema.json").decode("utf-8")), set())
-  trusted = TRUSTED_TYPES[candidate]
+  trusted = TRUSTED_TYPES[family]
   untrusted = sorted({t for t, loader in found if t not in trusted or loader not in _LOADERS})
   if untrusted:
     shown = ", ".join(untrusted[:5]) + (f" and {len(untrusted) - 5} more" if len(untrusted) > 5 else "")
-    raise InputError(f"{path}: {member} names types a {candidate} estimator is not made of ({shown}); refused "
+    raise InputError(f"{path}: {member} names types a {family} estimator is not made of ({shown}); refused "
                      "unloaded, as a tampered file (loading it could run code)")
   try:
     return sio.loads(data, trusted=list(trusted))
@@ -257,23 +260,23 @@ def _estimator(path, member, candidate, data):
 
 
 def _check_estimator(path, member, stage):
-  """Refuses an estimator that is not its candidate's binary classifier over the stage's design width, or
+  """Refuses an estimator that is not its family's binary classifier over the stage's design width, or
   (gradient boosting) whose trees scikit-learn's unchecked traversal could run off."""
   estimator, width = stage.estimator, stage.width
-  expected = {"hgb": HistGradientBoostingClassifier, "logistic": LogisticRegression}[stage.candidate]
+  expected = {"hgb": HistGradientBoostingClassifier, "logistic": LogisticRegression}[stage.family]
   features = getattr(estimator, "n_features_in_", None)
   if type(estimator) is not expected or features != width:
     raise InputError(f"{path}: {member}: a {type(estimator).__name__} over {features} features, the "
-                     f"{stage.candidate} stage needs a {expected.__name__} over {width}; refused as a tampered "
+                     f"{stage.family} stage needs a {expected.__name__} over {width}; refused as a tampered "
                      "file")
-  if stage.candidate == "logistic":
+  if stage.family == "logistic":
     shapes = (np.shape(estimator.coef_), np.shape(estimator.intercept_), np.shape(estimator.classes_))
     problem = (None if shapes == ((1, width), (1,), (2,))
                else f"coefficients, intercept, classes of shapes {shapes}")
   else:
     problem = _tree_problem(estimator, width)
   if problem:
-    raise InputError(f"{path}: {member}: {stage.candidate} model with {problem}; refused as a tampered file")
+    raise InputError(f"{path}: {member}: {stage.family} model with {problem}; refused as a tampered file")
 
 
 def _tree_problem(hgb, width):

@@ -8,14 +8,17 @@
      (out of fold) and every test image once, probability and embedding together (FOLD_DIR/scores.npz),
      and the ensemble reads them from there (outputs.py);
   3. image context (context.py) per image among the patient's images, with one fold model's outputs, in
-     style coordinates fitted per fold model on the rows scored together (its out-of-fold rows; for test
-     rows, its outputs for all test rows: that projection is kept for new images too);
-  4. stages fitted out of fold on the same patient-grouped folds (fusion.py): `tabular` (metadata + its
-     patient context), `image_context` (image + image context), `fusion` (both); each keeps the candidate
-     family with the best out-of-fold AUC; the fusion is calibrated out of fold (Platt) into `fused`;
+     two geometries (the standardised embedding, the patients' style) fitted per fold model on the rows
+     scored together (its out-of-fold rows; for test rows, its outputs for all test rows: that context
+     space is kept for new images too);
+  4. candidates (fusion.py: image feature sets x with or without the metadata x model families) fitted out
+     of fold on the same patient-grouped folds, and each stage's choice among them made out of fold too
+     (choice.py: nested, `config.ensemble.choice` rule): `tabular` (metadata + its patient context),
+     `image_context` (image + image context), `fusion` (any candidate); the fusion is calibrated out of
+     fold (Platt) into `fused`;
   5. test: each stage fitted on all out-of-fold rows, applied to features of the fold-averaged test image
      probabilities and the fold-averaged test image contexts; the calibrator fitted on all out-of-fold rows.
-     These fitted stages, the style projections and the fold models' checkpoint steps are saved in
+     These fitted stages, the context spaces and the fold models' checkpoint steps are saved in
      WORKDIR (fitted.py, a format that runs no code when loaded; its sha256 in results.json), and the test
      rows are predicted through them exactly as the predict command predicts new image files.
 Writes oof.csv, submission.csv, test_stages.csv, the fitted stages, results.json and the clinical report
@@ -37,6 +40,7 @@ from absl import logging
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import sources
 from melanoma_jax import image
+from melanoma_jax.ensemble import choice
 from melanoma_jax.ensemble import context as context_lib
 from melanoma_jax.ensemble import fitted as fitted_lib
 from melanoma_jax.ensemble import fusion
@@ -89,7 +93,7 @@ def image_stage(train_df, fold_ids, per_fold, components=context_lib.STYLE_COMPO
   """(train image block, OOF probabilities) from the fold outputs.
 
   Training rows: the out-of-fold output of the model that never saw the patient, and the context among
-  the patient's images in that model's terms (style coordinates fitted on that model's out-of-fold rows).
+  the patient's images in that model's terms (its context space fitted on that model's out-of-fold rows).
   """
   probs, embeddings, source = outputs_lib.place_out_of_fold(list(train_df["image_name"]), fold_ids, per_fold)
   patients = train_df["patient_id"].to_numpy()
@@ -106,14 +110,14 @@ def test_outputs(test_df, per_fold):
   return [outputs_lib.ordered_test_outputs(list(test_df["image_name"]), out) for out in per_fold]
 
 
-def test_projections(test_df, per_fold_test, components=context_lib.STYLE_COMPONENTS):
-  """Each fold model's style projection, fitted on its outputs for all test rows (patient ids only).
+def test_spaces(test_df, per_fold_test, components=context_lib.STYLE_COMPONENTS):
+  """Each fold model's context space, fitted on its outputs for all test rows (patient ids only).
 
   Fitted once here and kept (fusion.zip) for the test rows and for new images alike, so the predict command
   reproduces the test stage, and an image's context never depends on which other patients it is scored with.
   """
   patients = test_df["patient_id"].to_numpy()
-  return tuple(context_lib.fit_style(e, patients, components) for _, e in per_fold_test)
+  return tuple(context_lib.fit_space(e, patients, components) for _, e in per_fold_test)
 
 
 def _auc(targets, scores):
@@ -121,22 +125,45 @@ def _auc(targets, scores):
   return metrics.roc_auc(targets, scores) if 0 < targets.sum() < len(targets) else None
 
 
-def fit_stages(train_df, images, fold_ids, candidates, seed):
-  """(out-of-fold probabilities of every stage and candidate, every stage fitted on all rows with its
-  chosen family, the candidates' AUCs, the chosen families)."""
+def fit_stages(train_df, images, fold_ids, candidates, seed, rule="one_se"):
+  """Every candidate fitted out of fold (outer and inner, fusion.nested_oof) and every stage's choice.
+
+  Returns (out-of-fold probabilities of every stage, each stage's chosen candidate fitted on all rows, a
+  results record: each candidate's out-of-fold AUC, and per stage the nested out-of-fold AUC, the candidate
+  chosen for each fold, the one fitted on all rows and that candidate's own out-of-fold AUC).
+  """
   y = train_df["target"].to_numpy()
-  oof, fitted, candidate_aucs, chosen = {}, {}, {}, {}
-  for stage, inputs in fusion.STAGES.items():
-    scores = {c: fusion.stage_oof(inputs, c, train_df, images, y, fold_ids, seed) for c in candidates}
-    candidate_aucs[stage] = {c: metrics.roc_auc(y, s) for c, s in scores.items()}
-    chosen[stage] = max(candidates, key=lambda c: candidate_aucs[stage][c])  # First listed on a tie.
-    for c, s in scores.items():
-      oof[f"{stage}_{c}"] = s
-    oof[stage] = scores[chosen[stage]]
-    fitted[stage] = fusion.Stage(inputs, chosen[stage], seed).fit(train_df, images, y)
-    logging.info("stage %s: out-of-fold AUC %s; keeping %s", stage,
-                 ", ".join(f"{c} {a:.4f}" for c, a in candidate_aucs[stage].items()), chosen[stage])
-  return oof, fitted, candidate_aucs, chosen
+  outer, inner = {}, {}
+  for i, candidate in enumerate(candidates, 1):
+    started = time.time()
+    outer[candidate.name], inner[candidate.name] = fusion.candidate_oof(candidate, train_df, images, y, fold_ids,
+                                                                        seed)
+    logging.info("candidate %d/%d %s: out-of-fold AUC %.4f (%.1f s)", i, len(candidates), candidate.name,
+                 metrics.roc_auc(y, outer[candidate.name]), time.time() - started)
+  by_name = {c.name: c for c in candidates}
+  oof, fitted, record = {}, {}, {"candidate_oof_auc": {}, "stages": {}}
+  for stage in fusion.STAGES:
+    names = [c.name for c in fusion.stage_candidates(stage, candidates)]
+    if not names:
+      raise InputError(f"stage {stage}: no candidate among the configured feature sets and families")
+    oof[stage], per_fold = choice.nested({n: outer[n] for n in names}, {n: inner[n] for n in names}, y, fold_ids,
+                                         rule)
+    kept, aucs = choice.final({n: outer[n] for n in names}, y, rule)
+    record["candidate_oof_auc"].update(aucs)
+    chosen = by_name[kept]
+    fitted[stage] = fusion.Stage(chosen.inputs, chosen.family, seed).fit(train_df, images, y)
+    record["stages"][stage] = {"nested_oof_auc": metrics.roc_auc(y, oof[stage]), "chosen": kept,
+                               "chosen_oof_auc": aucs[kept], "chosen_per_fold": per_fold}
+    logging.info("stage %s: nested out-of-fold AUC %.4f; per fold %s; fitted on all rows: %s (its own "
+                 "out-of-fold AUC %.4f)", stage, record["stages"][stage]["nested_oof_auc"],
+                 ", ".join(f"{k}: {n}" for k, n in per_fold.items()), kept, aucs[kept])
+  return oof, fitted, record
+
+
+def context_feature_aucs(train_df, images):
+  """{image column: AUC of the column alone over the training rows} (larger = more malignant)."""
+  y = train_df["target"].to_numpy()
+  return {c: metrics.roc_auc(y, images[:, i]) for i, c in enumerate(fusion.IMAGE_COLUMNS)}
 
 
 def _hidden_labels(data_dir, test_df):
@@ -158,13 +185,13 @@ def _write_tables(workdir, oof_df, test_stages):
   files.write_csv(test_stages, os.path.join(workdir, "test_stages.csv"))
 
 
-def _write_report(workdir, oof_df, train_df, seed):
+def _write_report(workdir, oof_df, train_df, seed, choice_record):
   """The clinical report of the out-of-fold predictions (stages image / tabular / fused, fused calibrated)."""
   if not distributed.is_primary():
     return None
   table = oof_df.merge(train_df[["image_name", *clinical.CONTEXT_COLUMNS]], on="image_name", how="left")
   return clinical.write_report(workdir, table, REPORT_STAGES, "Patient-level ensemble, out of fold",
-                               calibrated={"fused": "prediction"}, seed=seed)
+                               calibrated={"fused": "prediction"}, seed=seed, choice=choice_record)
 
 
 def train(config, workdir, start_time=None):
@@ -172,10 +199,10 @@ def train(config, workdir, start_time=None):
   start = start_time or time.time()
   if "ensemble" not in config:
     raise InputError("config has no `ensemble` section (use configs/ensemble.py or configs/ensemble_demo.py)")
-  candidates = tuple(config.ensemble.candidates)
-  unknown = [c for c in candidates if c not in fusion.CANDIDATES]
-  if not candidates or unknown:
-    raise InputError(f"config.ensemble.candidates={candidates}: each must be one of {', '.join(fusion.CANDIDATES)}")
+  candidates = fusion.candidates(tuple(config.ensemble.feature_sets), tuple(config.ensemble.families))
+  rule = str(config.ensemble.choice)
+  if rule not in choice.RULES:
+    raise InputError(f"config.ensemble.choice={rule!r} must be one of {', '.join(choice.RULES)}")
   setup.resolve(config)  # Refuses a bad image config before any data is generated.
   os.makedirs(workdir, exist_ok=True)
   data_dir = _data_dir(config, workdir)
@@ -192,12 +219,12 @@ def train(config, workdir, start_time=None):
   components = int(config.ensemble.style_components)
   images, image_probs = image_stage(train_df, fold_ids, per_fold, components)
   per_fold_test = test_outputs(test_df, per_fold)
-  projections = test_projections(test_df, per_fold_test, components)
+  spaces = test_spaces(test_df, per_fold_test, components)
   y = train_df["target"].to_numpy()
-  oof, stages, candidate_aucs, chosen = fit_stages(train_df, images, fold_ids, candidates, seed)
+  oof, stages, choices = fit_stages(train_df, images, fold_ids, candidates, seed, rule)
   fused = fusion.calibrate_oof(oof["fusion"], y, fold_ids)
   final = fitted_lib.FittedEnsemble(folds=tuple(o.fold for o in per_fold), fold_steps=tuple(o.step for o in per_fold),
-                                    projections=projections, stages=stages,
+                                    spaces=spaces, stages=stages,
                                     calibrator=calibration.PlattCalibrator.fit(oof["fusion"], y))
   # The test rows go through the same FittedEnsemble.predict as new image files (the predict command).
   test_pred = final.predict(test_df, per_fold_test)
@@ -220,10 +247,13 @@ def train(config, workdir, start_time=None):
   if labels is not None:
     test_auc = {"image": _auc(labels, test_image_probs), **{k: _auc(labels, v) for k, v in test.items()},
                 "fused": _auc(labels, test_fused)}
-  report = _write_report(workdir, oof_df, train_df, seed)
+  report = _write_report(workdir, oof_df, train_df, seed, {"rule": rule, **choices})
   results = {
-      "task": "ensemble", "stage_oof_auc": stage_auc, "candidate_oof_auc": candidate_aucs,
-      "chosen": chosen, "fusion_model": chosen["fusion"], "test_auc": test_auc,
+      "task": "ensemble", "stage_oof_auc": stage_auc, "test_auc": test_auc,
+      "candidate_oof_auc": choices["candidate_oof_auc"], "stages": choices["stages"], "choice_rule": rule,
+      "chosen": {k: v["chosen"] for k, v in choices["stages"].items()},
+      "fusion_model": choices["stages"]["fusion"]["chosen"],
+      "context_feature_oof_auc": context_feature_aucs(train_df, images),
       "image_fold_val_auc": [_auc(y[fold_ids == o.fold], image_probs[fold_ids == o.fold]) for o in per_fold],
       "calibration": {"a": calibrator.a, "b": calibrator.b, "malignant_rate": float(y.mean()),
                       "mean_fused_oof": float(fused.mean()), "mean_fused_test": float(test_fused.mean())},

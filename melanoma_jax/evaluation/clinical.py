@@ -270,11 +270,13 @@ def summary(report):
   return out
 
 
-def write_report(workdir, table, stages, title, calibrated=None, seed=0, resamples=1000):
+def write_report(workdir, table, stages, title, calibrated=None, seed=0, resamples=1000, choice=None):
   """Writes WORKDIR/report.json and report.html (atomically); returns the report dict.
 
   `table`: image_name, patient_id, target and optionally sex, age_approx, anatom_site_general_challenge;
-  `stages`: stage name -> column of probabilities; `calibrated`: stage name -> column of calibrated ones.
+  `stages`: stage name -> column of probabilities; `calibrated`: stage name -> column of calibrated ones;
+  `choice`: how the stages were chosen among candidates, shown as it is ({"rule": str, "candidate_oof_auc":
+  {candidate: AUC}, "stages": {stage: {"nested_oof_auc", "chosen", "chosen_oof_auc", "chosen_per_fold"}}}).
   """
   calibrated = dict(calibrated or {})
   needed = ["image_name", "patient_id", "target", *stages.values(), *calibrated.values()]
@@ -287,6 +289,8 @@ def write_report(workdir, table, stages, title, calibrated=None, seed=0, resampl
             "dermatologists_reference": "Haenssle et al., Ann Oncol 2018;29:1836-1842",
             "stages": {name: stage_report(table, column, calibrated.get(name), resamples, seed)
                        for name, column in stages.items()}}
+  if choice is not None:
+    report["choice"] = choice
   os.makedirs(workdir, exist_ok=True)
   with files.atomic_path(os.path.join(workdir, "report.json")) as tmp, open(tmp, "w") as f:
     json.dump(report, f, indent=1, allow_nan=False)

@@ -183,6 +183,22 @@ images): 86.6% sensitivity / 71.3% specificity with dermoscopy alone, 88.9% / 75
 information. Their test set is not this one: the comparison is indicative only.</li></ul>"""
 
 
+def _choice_section(choice):
+  """The second stage's out-of-fold choice: each stage's pick and every candidate's AUC."""
+  stages = choice["stages"]
+  picked = [[name, _f(s["nested_oof_auc"], 4), s["chosen"], _f(s["chosen_oof_auc"], 4),
+             ", ".join(sorted(set(s["chosen_per_fold"].values())))] for name, s in stages.items()]
+  kept_by = {}
+  for name, s in stages.items():
+    kept_by.setdefault(s["chosen"], []).append(name)
+  candidates = [[c, _f(a, 4), ", ".join(kept_by.get(c, []))] for c, a in choice["candidate_oof_auc"].items()]
+  return ("<h2>Second stage: the out-of-fold choice</h2>"
+          f"<p>Rule: {html.escape(choice['rule'])}. A stage's AUC is nested: each fold's rows are scored by the "
+          "candidate chosen without that fold.</p>"
+          + _table(["Stage", "AUC (nested)", "Fitted on all rows", "Its own AUC", "Chosen in the folds"], picked)
+          + _table(["Candidate", "Out-of-fold AUC", "Kept by"], candidates))
+
+
 def render(report):
   """The whole report.html as a string."""
   title = html.escape(report["title"])
@@ -192,4 +208,5 @@ def render(report):
   summary = _table(["Stage", "Images", "Malignant", "AUC [95% CI]", "pAUC > 80% TPR", "Brier", "Brier calibrated",
                     "ECE", "ECE calibrated"], _summary_rows(report))
   stages = "".join(_stage_section(name, stage) for name, stage in report["stages"].items())
-  return f"{head}<h2>Summary</h2>{summary}{stages}{_DEFINITIONS}</body></html>\n"
+  choice = _choice_section(report["choice"]) if "choice" in report else ""
+  return f"{head}<h2>Summary</h2>{summary}{stages}{choice}{_DEFINITIONS}</body></html>\n"

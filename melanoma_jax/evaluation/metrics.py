@@ -17,3 +17,11 @@ def roc_auc(targets, scores):
     raise ValueError("AUC of non-finite scores")
   ranks = stats.rankdata(scores)
   return float((ranks[targets].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auc_standard_error(auc, n_pos, n_neg):
+  """Hanley and McNeil's (1982) standard error of an AUC from n_pos positive and n_neg negative examples."""
+  q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+  variance = (auc * (1.0 - auc) + (n_pos - 1.0) * (q1 - auc * auc) + (n_neg - 1.0) * (q2 - auc * auc)) / (
+      n_pos * n_neg)
+  return float(np.sqrt(max(variance, 0.0)))
