@@ -7,7 +7,7 @@ fitted second stage (ensemble/fitted.py) when present and made from these checkp
   * With metadata (`read_metadata(csv)` first): every readable file's fold outputs (`score_folds`:
     probability + pooled embedding per fold model) are kept while the folder is read, then `fuse` computes,
     per fold model, each image's context among the same patient's readable files (in that fold model's
-    fitted style coordinates), averages them, adds the tabular features (their patient context among the
+    fitted context space), averages them, adds the tabular features (their patient context among the
     same patient's metadata rows of those files) and applies the fitted stages and calibrator:
     `FittedEnsemble.predict`, the very path the ensemble's test stage takes. A file without a metadata row
     keeps its pred_image and gets an error.
