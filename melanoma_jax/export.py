@@ -4,7 +4,8 @@
 
 Signature `serving_default`: `image_bytes` (a batch of encoded JPEG/PNG strings) -> `probability` (float32,
 one per image), decoding and preprocessing inside the graph as the run's evaluation does, with the run's best
-checkpoint and TTA setting. --out must be new, empty or an earlier export (which is replaced).
+checkpoint and TTA setting. --out must be new, empty or an earlier export, outside the workdir: an earlier
+export's files (listed in its melanoma_jax_export.json) are replaced, files a user added beside them are kept.
 """
 import os
 import sys
@@ -22,7 +23,8 @@ FLAGS = flags.FLAGS
 def run(workdir, out, platforms=("cpu", "cuda")):
   from melanoma_jax.inference import loading, tf_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-  outputs.check_writable(os.path.abspath(out), tf_export.MARKER, "--out")  # Before the slow load.
+  # Before the slow load: never into the workdir, never over a file the export did not write.
+  outputs.check_folder(out, tf_export.MARKER, "--out", outputs.Protected(workdir), tf_export.PLANNED)
   if loading.kind_of(workdir) == loading.ENSEMBLE:
     raise loading.one_model_only(workdir, "a SavedModel export")
   trained = loading.load_predictor(workdir)

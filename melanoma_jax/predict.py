@@ -7,6 +7,8 @@
 Loads the run's best checkpoint and the config the run recorded (no --config), reads every JPEG and PNG in
 --images (greyscale, RGBA and CMYK converted to RGB), preprocesses each as the run's own evaluation does and
 predicts with the run's TTA setting. --out gets one row per file: image (file name), probability, error.
+--out and --saliency never write over an input, the workdir's files or a file this command did not write
+(inference/outputs.py); a path that cannot be written is refused before the model loads.
 A file that cannot be read gets an empty probability and the reason (and a warning); the others are still
 predicted. Exit code 0 when at least one image was predicted, 1 otherwise (or on bad input).
 
@@ -125,26 +127,37 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils import files  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(out):
-    raise InputError(f"--out={out}: is a folder; give a CSV file name")
   paths = images_lib.list_images(images_dir)
-  kind = loading.kind_of(workdir)  # Every refusal below comes before the slow load.
+  # Every refusal below comes before the slow load: outputs first, so nothing is computed for nothing.
+  protected = outputs.Protected(workdir, images_dir, inputs=paths + ([metadata] if metadata else []))
+  outputs.check_file(out, "--out", protected)
+  planned, ours = [os.path.basename(saliency_path("", os.path.basename(p))) for p in paths], set()
   if saliency_dir:
-    outputs.check_writable(saliency_dir, SALIENCY_MARKER, "--saliency")
-    if kind == loading.ENSEMBLE:
-      raise loading.one_model_only(workdir, "saliency maps")
+    ours = outputs.check_folder(saliency_dir, SALIENCY_MARKER, "--saliency", protected, planned)
+    if outputs.is_inside(out, saliency_dir):
+      raise InputError(f"--out={out}: is inside the --saliency folder {saliency_dir}; choose a path outside it")
+  kind = loading.kind_of(workdir)
+  if saliency_dir and kind == loading.ENSEMBLE:
+    raise loading.one_model_only(workdir, "saliency maps")
   if metadata and kind != loading.ENSEMBLE:
     raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
   predictor = loading.load_predictor(workdir, tta=tta)
   # Only ensembles fuse metadata: read and checked before any image is read.
   table = predictor.read_metadata(metadata) if metadata else None
-  if saliency_dir:
-    outputs.claim(saliency_dir, SALIENCY_MARKER, "--saliency", {"workdir": os.path.abspath(workdir)})
+  info = {"workdir": os.path.abspath(workdir)}
+  if saliency_dir:  # Listed before they are written: a run killed half-way leaves only listed files.
+    outputs.claim(saliency_dir, SALIENCY_MARKER, info, set(ours) | set(planned))
   logging.info("predicting %d file(s) of %s with %s", len(paths), images_dir, predictor.description)
   rows = predict_folder(predictor, paths, saliency_dir, metadata=table)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  if saliency_dir:
+    outputs.claim(saliency_dir, SALIENCY_MARKER, info,
+                  [n for n in set(ours) | set(planned) if os.path.exists(os.path.join(saliency_dir, n))])
   columns = ["image", "probability", "error"] + (["pred_image", "pred_fused"] if metadata else [])
-  files.write_csv(pd.DataFrame(rows, columns=columns), out)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    files.write_csv(pd.DataFrame(rows, columns=columns), out)
+  except OSError as e:
+    raise InputError(f"--out={out}: cannot be written ({e.strerror or e})") from None
   return rows
 
 

@@ -5,6 +5,6 @@ never a task's internals. Public modules, one job each: `loading` (`load_predict
 -> a TrainedModel or an `ensemble.EnsemblePredictor`), `ensemble` (fold models + the fitted stages),
 `images` (image files -> the model inputs the run's own evaluation makes), `metadata` (the --metadata CSV),
 `saliency` (Grad-CAM and SmoothGrad through the Flax model, and their figure), `tf_export` (the jax2tf
-SavedModel), `outputs` (folders these commands may write into). The command lines are
-`melanoma_jax.predict` and `melanoma_jax.export`.
+SavedModel), `outputs` (where these commands may write: never over inputs, the run or others' files). The
+command lines are `melanoma_jax.predict` and `melanoma_jax.export`.
 """

@@ -10,7 +10,6 @@ Signature `serving_default`: `image_bytes` (string [batch], JPEG or PNG, any bat
 """
 import contextlib
 import datetime
-import json
 import os
 import shutil
 from typing import Sequence
@@ -28,6 +27,9 @@ MARKER = "melanoma_jax_export.json"
 INPUT = "image_bytes"  # TF Serving's REST API base64-decodes {"b64": ...} values; "_bytes" is its convention.
 OUTPUT = "probability"
 PLATFORMS = ("cpu", "cuda")
+# What tf.saved_model.save writes for this module (checked against the folder's own files before the work).
+PLANNED = ("saved_model.pb", "fingerprint.pb", "variables/variables.index",
+           "variables/variables.data-00000-of-00001")
 
 
 @contextlib.contextmanager
@@ -94,19 +96,22 @@ def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATF
 
 
 def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] = PLATFORMS):
-  """Writes the SavedModel of `trained` to `out_dir` (replacing only an export of ours) and returns it.
+  """Writes the SavedModel of `trained` to `out_dir` and returns it.
 
-  Written to a temporary sibling first and renamed into place, so `out_dir` is whole or untouched.
-  `info`: JSON-able facts (source workdir, checkpoint) recorded in `out_dir`/MARKER with the versions.
+  `out_dir` must be new, empty or an earlier export (`outputs.check_folder`): the SavedModel is written to a
+  temporary sibling first, then renamed into place (a new or empty folder) or installed over the files the
+  earlier export's marker lists (`outputs.install`: a user's files beside them stay).
+  `info`: JSON-able facts (source workdir, checkpoint) recorded in `out_dir`/MARKER with the versions and the
+  list of files written.
   """
   tf_ = tf()
   out_dir = os.path.abspath(out_dir)
-  outputs.check_writable(out_dir, MARKER, "--out")
+  outputs.check_folder(out_dir, MARKER, "--out", outputs.Protected(), PLANNED)
   parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
   try:
+    os.makedirs(parent, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     module = serving_module(trained, platforms)
     with max_compatibility_stablehlo():
       concrete = module.serve.get_concrete_function()
@@ -114,16 +119,11 @@ def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] 
     record = dict(info, image_size=trained.image_size, tta=trained.tta, input=INPUT, output=OUTPUT,
                   platforms=list(platforms), jax=jax.__version__, tensorflow=tf_.__version__,
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    with open(os.path.join(tmp, MARKER), "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    old = None
-    if os.path.isdir(out_dir):  # Empty, or an earlier export of ours (checked above).
-      old = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.old")
-      os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except (tf_.errors.OpError, ValueError, TypeError) as e:
+    outputs.claim(tmp, MARKER, record, outputs.tree(tmp))
+    outputs.install(tmp, out_dir, MARKER, "--out")
+  except (tf_.errors.OpError, ValueError, TypeError, OSError) as e:
+    if isinstance(e, InputError):
+      raise
     raise InputError(f"--out={out_dir}: the SavedModel export failed: {str(e).splitlines()[0]}") from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
