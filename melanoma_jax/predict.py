@@ -6,7 +6,12 @@
 
 Loads the run's best checkpoint and the config the run recorded (no --config), reads every JPEG and PNG in
 --images (greyscale, RGBA and CMYK converted to RGB), preprocesses each as the run's own evaluation does and
-predicts with the run's TTA setting. --out gets one row per file: image (file name), probability, error.
+predicts with the run's TTA setting. --out gets one row per file of --images (hidden files, CSV files and
+folders aside): image (file name), probability, error. Other formats (GIF, WebP, BMP, named by their bytes,
+not their extension), links leading out of the folder and files over the size limits get their error row.
+Every text field is quoted, so any file name reads back whole; a name beginning with =, +, -, @, a tab, a
+carriage return or ' is written with a leading ' (a spreadsheet shows it as text, never runs it as a
+formula): the file name is the image value with one leading ' removed (inference/preds_csv.py).
 --out and --saliency never write over an input, the workdir's files or a file this command did not write
 (inference/outputs.py); a path that cannot be written is refused before the model loads.
 A file that cannot be read gets an empty probability and the reason (and a warning); the others are still
@@ -37,6 +42,12 @@ def _warn(message):
   print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def shown(name):
+  """`name` for a terminal line: as is if printable, else Python's quoted form (a newline or an escape
+  sequence in a file name cannot break or forge the line)."""
+  return name if name.isprintable() else repr(name)
+
+
 def saliency_path(folder, name):
   """`name`.png in `folder`: the file name kept whole, so a.jpg and a.png get different maps."""
   return os.path.join(folder, f"{name}.png")
@@ -62,7 +73,7 @@ def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_w
       name = os.path.basename(path)
       array, error = reader.read(path)
       if array is None:
-        _warn(f"{path}: {error}; skipped")
+        _warn(f"{shown(path)}: {error}; skipped")
         rows.append({"image": name, "probability": None, "error": error})
       else:
         arrays.append(array)
@@ -104,7 +115,7 @@ def _fuse(predictor, rows, kept, metadata):
   for i, pred_image, pred_fused, error in zip(indices, fused["pred_image"], fused["pred_fused"], fused["error"]):
     rows[i]["pred_image"] = float(pred_image)
     if error:
-      _warn(f"{rows[i]['image']}: {error}; not fused")
+      _warn(f"{shown(rows[i]['image'])}: {error}; not fused")
       rows[i]["error"] = error
     else:
       rows[i]["pred_fused"] = rows[i]["probability"] = float(pred_fused)
@@ -121,11 +132,10 @@ def _write_saliency(predictor, x, rows, folder):
 
 def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   """The command: returns the rows written to `out` (raises RunError on bad input)."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.utils import files  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import preds_csv  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
   paths = images_lib.list_images(images_dir)
   # Every refusal below comes before the slow load: outputs first, so nothing is computed for nothing.
@@ -155,7 +165,7 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   columns = ["image", "probability", "error"] + (["pred_image", "pred_fused"] if metadata else [])
   try:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    files.write_csv(pd.DataFrame(rows, columns=columns), out)
+    preds_csv.write(rows, columns, out)
   except OSError as e:
     raise InputError(f"--out={out}: cannot be written ({e.strerror or e})") from None
   return rows

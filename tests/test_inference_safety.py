@@ -165,3 +165,76 @@ def test_predict_again_into_its_saliency_folder_keeps_a_users_file(workdir, fold
   assert predict_cli.command(str(workdir), str(folder), str(out), str(maps)) == 0, capsys.readouterr().err
   assert (maps / "thesis.tex").read_text() == "my thesis"
   assert len(list(maps.glob("*.jpg.png"))) == len(os.listdir(folder))
+
+
+NAMES = ["a,b.jpg", 'quote"d.jpg', "new\nline.jpg", "carriage\rreturn.jpg", "ünïcödé 病变.jpg", "plain.jpg",
+         '=HYPERLINK("x.example","y").jpg', "+1.jpg", "-2.jpg", "@SUM(A1).jpg", "\ttab.jpg", "'quoted.jpg",
+         "' spaced ', \"all\"\r\n.jpg"]
+
+
+def test_every_file_name_reads_back_and_none_is_a_formula(workdir, jpegs, tmp_path, capsys):
+  import csv  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import preds_csv  # pylint: disable=g-import-not-at-top
+  images, out = tmp_path / "odd", tmp_path / "p.csv"
+  images.mkdir()
+  data = next(iter(jpegs.values()))
+  for name in NAMES:
+    (images / name).write_bytes(data)
+  not_utf8 = os.fsdecode(b"latin\xe9.jpg")  # Linux allows any bytes but "/" and NUL in a name.
+  (images / not_utf8).write_bytes(data)
+  assert predict_cli.command(str(workdir), str(images), str(out)) == 0, capsys.readouterr().err
+  frame = pd.read_csv(out, keep_default_na=False)
+  with open(out, newline="", encoding="utf-8") as f:
+    parsed = list(csv.reader(f))
+  assert len(frame) == len(parsed) - 1 == len(NAMES) + 1
+  for values in (list(frame["image"]), [row[0] for row in parsed[1:]]):
+    assert sorted(preds_csv.file_name(v) for v in values if v != "latin\\udce9.jpg") == sorted(NAMES)
+    assert not [v for v in values if v.startswith(preds_csv.FORMULA_STARTS)]  # Nothing a spreadsheet runs.
+  assert (frame["error"] == "").all() and len(set(frame["probability"])) == 1  # Every copy scored alike.
+  assert set(frame["image"]) >= {"'=HYPERLINK(\"x.example\",\"y\").jpg", "'-2.jpg", "''quoted.jpg", "a,b.jpg"}
+
+
+def _gif_webp_bmp(data):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = Image.open(io.BytesIO(data))
+  encoded = {}
+  for fmt in ("GIF", "WEBP", "BMP"):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    encoded[fmt] = buffer.getvalue()
+  return encoded
+
+
+def test_other_formats_and_links_out_get_their_own_error_row(workdir, jpegs, tmp_path, capsys):
+  images, out = tmp_path / "mixed", tmp_path / "p.csv"
+  images.mkdir()
+  good = next(iter(jpegs.values()))
+  (images / "good.jpg").write_bytes(good)
+  encoded = _gif_webp_bmp(good)
+  (images / "anim.gif").write_bytes(encoded["GIF"])
+  (images / "webp_named.jpg").write_bytes(encoded["WEBP"])
+  (images / "bitmap.bmp").write_bytes(encoded["BMP"])
+  (images / "notes.txt").write_text("not an image")
+  (tmp_path / "outside.jpg").write_bytes(good)
+  (images / "escape.jpg").symlink_to(tmp_path / "outside.jpg")
+  (images / "inside_link.jpg").symlink_to(images / "good.jpg")
+  os.mkfifo(images / "pipe.jpg")  # Opening it for reading would wait for a writer forever.
+  (images / "sub").mkdir()
+  (images / ".DS_Store").write_bytes(b"\0")
+  (images / "labels.csv").write_text("image_name\n")
+  assert predict_cli.command(str(workdir), str(images), str(out)) == 0
+  err = capsys.readouterr().err
+  rows = pd.read_csv(out, keep_default_na=False).set_index("image")
+  assert sorted(rows.index) == ["anim.gif", "bitmap.bmp", "escape.jpg", "good.jpg", "inside_link.jpg", "notes.txt",
+                                "pipe.jpg", "webp_named.jpg"]
+  want = {"anim.gif": "a GIF image; only JPEG and PNG are read",
+          "webp_named.jpg": "a WebP image; only JPEG and PNG are read",
+          "bitmap.bmp": "a BMP image; only JPEG and PNG are read",
+          "notes.txt": "not a decodable JPEG or PNG (unknown format)",
+          "escape.jpg": "a link out of the images folder; not followed", "pipe.jpg": "not a regular file"}
+  for name, error in want.items():
+    assert rows.loc[name, "error"] == error and rows.loc[name, "probability"] == "", name
+    assert f"{name}: {error}" in err
+  assert rows.loc["good.jpg", "probability"] == rows.loc["inside_link.jpg", "probability"] != ""
+  assert "Traceback" not in err
