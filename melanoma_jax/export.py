@@ -42,6 +42,9 @@ def main(argv):
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
+  except OSError as e:  # A file system failure no check foresaw (a disk filling up): one line, not a traceback.
+    print(f"error: {e.filename or FLAGS.out}: {e.strerror or e}", file=sys.stderr)
+    sys.exit(1)
   print(f"exported {FLAGS.workdir} to {path} in {time.time() - start:.0f} s")
 
 

@@ -15,7 +15,8 @@ formula): the file name is the image value with one leading ' removed (inference
 --out and --saliency never write over an input, the workdir's files or a file this command did not write
 (inference/outputs.py); a path that cannot be written is refused before the model loads.
 A file that cannot be read gets an empty probability and the reason (and a warning); the others are still
-predicted. Exit code 0 when at least one image was predicted, 1 otherwise (or on bad input).
+predicted. A saliency map that cannot be written (a name too long) sets its row's error, the probability
+kept. Exit code 0 when at least one image was predicted, 1 otherwise or on bad input (one error line).
 
 An ensemble workdir averages its fold models' probabilities. With --metadata (ensembles only) it also fuses
 the metadata as the ensemble's test stage does (inference/ensemble.py): columns pred_image (fold mean) and
@@ -122,12 +123,19 @@ def _fuse(predictor, rows, kept, metadata):
 
 
 def _write_saliency(predictor, x, rows, folder):
+  """Writes each row's map; a map that cannot be written (name too long, disk full) sets that row's error,
+  its probability kept, and the other maps and rows go on."""
   from melanoma_jax.inference import saliency  # pylint: disable=g-import-not-at-top
   cams = saliency.grad_cam(predictor.model, predictor.variables, x)
   smooth = saliency.smoothgrad(predictor.model, predictor.variables, x)
   for image, cam, sg, row in zip(x, cams, smooth, rows):
-    saliency.save_figure(saliency_path(folder, row["image"]), image, cam, sg,
-                         f"{row['image']}: probability {row['probability']:.3f}")
+    title = f"{row['image']}: probability {row['probability']:.3f}" if row["probability"] is not None else ""
+    try:
+      saliency.save_figure(saliency_path(folder, row["image"]), image, cam, sg, title)
+    except (OSError, ValueError) as e:
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+      row["error"] = f"saliency map not written ({reason})"
+      _warn(f"{shown(row['image'])}: {row['error']}")
 
 
 def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
@@ -180,6 +188,9 @@ def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run"):
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
+  except OSError as e:  # A file system failure no check foresaw (a disk filling up): one line, not a traceback.
+    print(f"error: {shown(e.filename or '')}: {e.strerror or e}", file=sys.stderr)
+    return 1
   predicted = sum(r["probability"] is not None for r in rows)
   print(f"predicted {predicted} of {len(rows)} image(s) in {time.time() - start:.0f} s; wrote {out}"
         + (f" and saliency maps in {saliency_dir}" if saliency_dir else ""))

@@ -97,7 +97,8 @@ def test_predict_out_never_overwrites_an_input_or_the_run(workdir, folder, tmp_p
 def test_predict_out_that_cannot_be_written_is_refused_before_work(workdir, folder, tmp_path, capsys, no_load):
   (tmp_path / "a_file").write_text("x")
   for out, why in [("/proc/x.csv", "cannot write in /proc"), (tmp_path / "a_file" / "p.csv", "is a file"),
-                   (tmp_path / "a_file" / "deeper" / "p.csv", "is a file"), (tmp_path, "is a folder")]:
+                   (tmp_path / "a_file" / "deeper" / "p.csv", "is a file"), (tmp_path, "is a folder"),
+                   (tmp_path / ("y" * 300 + ".csv"), "file name too long")]:
     _refused(capsys, predict_cli.command(str(workdir), str(folder), str(out)), f"--out={out}", why)
 
 
@@ -238,3 +239,19 @@ def test_other_formats_and_links_out_get_their_own_error_row(workdir, jpegs, tmp
     assert f"{name}: {error}" in err
   assert rows.loc["good.jpg", "probability"] == rows.loc["inside_link.jpg", "probability"] != ""
   assert "Traceback" not in err
+
+
+def test_a_saliency_map_that_cannot_be_written_fails_only_its_row(workdir, jpegs, tmp_path, capsys):
+  images, out, maps = tmp_path / "names", tmp_path / "p.csv", tmp_path / "maps"
+  images.mkdir()
+  long_name = "x" * 249 + ".jpg"  # 253 bytes: a valid image name, but its map's name would be 257.
+  for name in ("good.jpg", long_name, "$x^{2$.jpg"):  # The last: text, never matplotlib's math mode.
+    (images / name).write_bytes(next(iter(jpegs.values())))
+  assert predict_cli.command(str(workdir), str(images), str(out), str(maps)) == 0
+  err = capsys.readouterr().err
+  rows = pd.read_csv(out, keep_default_na=False).set_index("image")
+  assert rows.loc[long_name, "error"] == "saliency map not written (File name too long)", err
+  assert rows.loc[long_name, "probability"] == rows.loc["good.jpg", "probability"] != ""
+  assert rows.loc["good.jpg", "error"] == rows.loc["$x^{2$.jpg", "error"] == ""
+  assert sorted(os.listdir(maps)) == sorted([predict_cli.SALIENCY_MARKER, "good.jpg.png", "$x^{2$.jpg.png"])
+  assert "Traceback" not in err and f"{long_name}: saliency map not written" in err

@@ -19,6 +19,8 @@ import tempfile
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
+_NAME_MAX = 255  # Bytes in one file name on Linux's and macOS's file systems.
+
 
 def _real(path):
   return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
@@ -80,6 +82,8 @@ def check_file(path, flag, protected):
     raise InputError(f"{flag}={path}: is a folder; give a file name")
   protected.check(path, flag)
   check_can_create(path, flag)
+  if len(os.fsencode(os.path.basename(path))) > _NAME_MAX:
+    raise InputError(f"{flag}={path}: file name too long (at most {_NAME_MAX} bytes)")
 
 
 def listed(folder, marker):
