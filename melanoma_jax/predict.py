@@ -54,17 +54,18 @@ def saliency_path(folder, name):
   return os.path.join(folder, f"{name}.png")
 
 
-def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn):
+def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn, limits=None):
   """Rows {image, probability, error} for `paths`, in order; saliency PNGs into `saliency_dir` if set.
 
   `predictor`: an `image.TrainedModel` or an ensemble's predictor (`inference.loading.load_predictor`).
   `metadata`: an ensemble's --metadata table (`predictor.read_metadata`): the rows also get pred_image and
   pred_fused, and probability is pred_fused (fusion needs every image of a patient, so it runs once all
   files are read; only the fold models' probabilities and embeddings are kept meanwhile).
-  Files are read and predicted a global batch at a time (the devices' fill), so memory stays bounded.
+  Files are read and predicted a global batch at a time (the devices' fill), so memory stays bounded;
+  `limits` (`inference.limits.Limits`, default its defaults) refuses a file by its size or header first.
   """
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
-  reader = images_lib.Reader(predictor.image_size)
+  reader = images_lib.Reader(predictor.image_size, limits)
   rows, done, start, last = [], 0, time.time(), time.time()
   kept = []  # With metadata: (row indices, the fold models' outputs) per batch.
   for begin in range(0, len(paths), predictor.global_batch):
@@ -138,8 +139,9 @@ def _write_saliency(predictor, x, rows, folder):
       _warn(f"{shown(row['image'])}: {row['error']}")
 
 
-def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
-  """The command: returns the rows written to `out` (raises RunError on bad input)."""
+def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None):
+  """The command: returns the rows written to `out` (raises RunError on bad input). `limits`: see
+  predict_folder."""
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -166,7 +168,7 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   if saliency_dir:  # Listed before they are written: a run killed half-way leaves only listed files.
     outputs.claim(saliency_dir, SALIENCY_MARKER, info, set(ours) | set(planned))
   logging.info("predicting %d file(s) of %s with %s", len(paths), images_dir, predictor.description)
-  rows = predict_folder(predictor, paths, saliency_dir, metadata=table)
+  rows = predict_folder(predictor, paths, saliency_dir, metadata=table, limits=limits)
   if saliency_dir:
     outputs.claim(saliency_dir, SALIENCY_MARKER, info,
                   [n for n in set(ours) | set(planned) if os.path.exists(os.path.join(saliency_dir, n))])
@@ -179,12 +181,13 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
   return rows
 
 
-def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run"):
+def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None):
   """The command line's work and messages; returns its exit code (0: at least one image predicted)."""
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
-    rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta])
+    rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta],
+               limits)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
@@ -203,7 +206,9 @@ def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run"):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta))
+  from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
+  sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta,
+                   limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels)))
 
 
 def _define_flags():
@@ -216,6 +221,11 @@ def _define_flags():
   flags.DEFINE_string("metadata", "", "Per-image metadata CSV (image_name or image, patient_id, sex, age_approx, "
                       "anatom_site_general_challenge), for ensemble workdirs: fused as the ensemble's test rows.")
   flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
+  from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_float("max_file_mb", limits.DEFAULT_MAX_FILE_MB, "Largest image file read (MB); a larger file "
+                     "gets its error row.", lower_bound=0)
+  flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image decoded (width x height, read "
+                       "from the JPEG/PNG header before decoding); a larger image gets its error row.", lower_bound=1)
   flags.mark_flags_as_required(["workdir", "images", "out"])
 
 

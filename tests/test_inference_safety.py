@@ -255,3 +255,63 @@ def test_a_saliency_map_that_cannot_be_written_fails_only_its_row(workdir, jpegs
   assert rows.loc["good.jpg", "error"] == rows.loc["$x^{2$.jpg", "error"] == ""
   assert sorted(os.listdir(maps)) == sorted([predict_cli.SALIENCY_MARKER, "good.jpg.png", "$x^{2$.jpg.png"])
   assert "Traceback" not in err and f"{long_name}: saliency map not written" in err
+
+
+def _png_bomb(path, side):
+  """A `side` x `side` 1-bit grey PNG of zeros, written row by row (never held decoded): a few tens of KB on
+  disk, `side`^2 x 3 bytes once decoded to RGB."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  row, packer = b"\0" * (1 + (side + 7) // 8), zlib.compressobj(9)  # Filter byte, then 8 pixels a byte.
+  body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+  header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+# The predict command of the tiny model peaks near 900 MB with or without the bomb; decoding a 10000x10000 bomb
+# (a quarter of this one) peaked at 2400 MB before images were checked by their header.
+PEAK_RSS_BOUND_MB = 2000
+
+
+def test_an_image_bomb_gets_its_error_row_and_no_memory(workdir, jpegs, tmp_path):
+  images, out = tmp_path / "bombs", tmp_path / "p.csv"
+  images.mkdir()
+  _png_bomb(images / "bomb.png", 20000)  # 1.2 GB as RGB, 4.8 GB as the float image the resize reads.
+  assert (images / "bomb.png").stat().st_size < 100_000
+  for name, data in jpegs.items():
+    (images / f"{name}.jpg").write_bytes(data)
+  script = ("import resource, sys\nfrom melanoma_jax import predict\n"
+            "code = predict.command(sys.argv[1], sys.argv[2], sys.argv[3])\n"
+            "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\nsys.exit(code)\n")
+  proc = _python("-c", script, str(workdir), str(images), str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  peak = int(proc.stdout.split("peak_rss_mb")[-1])
+  rows = pd.read_csv(out, keep_default_na=False).set_index("image")
+  assert rows.loc["bomb.png", "error"] == ("20000x20000 = 400000000 pixels is over --max_pixels=40000000; "
+                                          "raise it to read this image")
+  assert (rows.drop("bomb.png")["probability"] != "").all() and len(rows) == len(jpegs) + 1
+  assert peak < PEAK_RSS_BOUND_MB, peak
+
+
+def test_the_limits_are_flags(workdir, jpegs, tmp_path):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images, out = tmp_path / "limited", tmp_path / "p.csv"
+  images.mkdir()
+  jpeg = next(iter(jpegs.values()))
+  (images / "photo.jpg").write_bytes(jpeg)
+  buffer = io.BytesIO()
+  Image.new("RGB", (20, 20)).save(buffer, "PNG")
+  (images / "small.png").write_bytes(buffer.getvalue())
+  assert len(buffer.getvalue()) < 1000 < len(jpeg)
+  proc = _python("-m", "melanoma_jax.predict", f"--workdir={workdir}", f"--images={images}", f"--out={out}",
+                 "--max_file_mb=0.001", "--max_pixels=100")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  rows = pd.read_csv(out, keep_default_na=False).set_index("image")
+  assert rows.loc["photo.jpg", "error"] == (f"{len(jpeg)} bytes is over --max_file_mb=0.001 (1048 bytes); "
+                                           "raise it to read this file")
+  assert rows.loc["small.png", "error"] == "20x20 = 400 pixels is over --max_pixels=100; raise it to read this image"

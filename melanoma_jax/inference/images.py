@@ -13,6 +13,7 @@ decodable. So every file gets its row and no file can take the memory of the oth
 import os
 import re
 import stat
+from typing import Optional
 
 import numpy as np
 
@@ -49,9 +50,9 @@ def preprocess(image_bytes, image_size: int):
 class Reader:
   """Reads image files into model inputs one at a time; a file that cannot be read gives its reason."""
 
-  def __init__(self, image_size: int, limits: limits_lib.Limits = limits_lib.Limits()):
+  def __init__(self, image_size: int, limits: Optional[limits_lib.Limits] = None):
     self.image_size = int(image_size)
-    self.limits = limits
+    self.limits = limits or limits_lib.Limits()  # The file size and pixel limits, read before decoding.
     tf_ = tf()
     self._preprocess = tf_.function(lambda b: preprocess(b, self.image_size),
                                     input_signature=[tf_.TensorSpec([], tf_.string)])

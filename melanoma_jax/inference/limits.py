@@ -3,11 +3,13 @@ last two read from the file's first bytes (the JPEG or PNG header), never from d
 
 A JPEG or PNG of a few tens of KB can declare 20000x20000 pixels (1.2 GB once decoded to RGB, several GB as
 the float image the resize reads); such a file is refused by its header. The limits:
-* `max_bytes` (predict --max_file_mb, default 50 MB): checked from the file system before the file is read;
-  at most `max_bytes` + 1 bytes are ever read.
+* `max_file_mb` (predict --max_file_mb, default 50 MB): checked from the file system before the file is
+  read; at most `max_bytes` + 1 bytes are ever read.
 * `max_pixels` (predict --max_pixels, default 40 million, e.g. 7300x5500; the largest ISIC 2020 images are
   6000x4000): width x height from the header (PNG: IHDR; JPEG: the first start-of-frame marker, found by
   PIL's JPEG header parser, which reads markers only).
+With them the predict command of the test's tiny model peaks at about 900 MB beside a 20000x20000 PNG bomb of
+about 50 KB; decoding a 10000x10000 one took 2.4 GB (`tests/test_inference_safety.py`, peak RSS bounded).
 A file whose first bytes are another image format (GIF, WebP, BMP, TIFF) is named as such, whatever its
 extension, instead of reaching a decoder that would misread it.
 """
@@ -25,19 +27,20 @@ _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """The largest file (bytes) and image (width x height) read; see the module doc."""
-  max_bytes: int = DEFAULT_MAX_FILE_MB * MB
+  """The largest file (MB of 2^20 bytes) and image (width x height) read; see the module doc."""
+  max_file_mb: float = DEFAULT_MAX_FILE_MB
   max_pixels: int = DEFAULT_MAX_PIXELS
 
-  @classmethod
-  def of_flags(cls, max_file_mb=DEFAULT_MAX_FILE_MB, max_pixels=DEFAULT_MAX_PIXELS):
-    return cls(int(float(max_file_mb) * MB), int(max_pixels))
+  @property
+  def max_bytes(self):
+    return int(self.max_file_mb * MB)
 
   def file_size_error(self, size):
     """"" or why a file of `size` bytes is not read."""
     if size <= self.max_bytes:
       return ""
-    return (f"{size / MB:.1f} MB is over --max_file_mb={self.max_bytes / MB:g}; raise it to read this file")
+    return (f"{size} bytes is over --max_file_mb={self.max_file_mb:g} ({self.max_bytes} bytes); "
+            "raise it to read this file")
 
   def header_error(self, data: bytes):
     """"" or why the encoded image `data` is not decoded (format, unreadable header, too many pixels)."""
@@ -49,8 +52,8 @@ class Limits:
     except (OSError, SyntaxError, ValueError, IndexError) as e:
       return f"not a decodable {kind} ({str(e).splitlines()[0] if str(e) else 'no size in its header'})"
     if width * height > self.max_pixels:
-      return (f"{width}x{height} pixels ({width * height / 1e6:.0f} million) is over "
-              f"--max_pixels={self.max_pixels}; raise it to read this image")
+      return (f"{width}x{height} = {width * height} pixels is over --max_pixels={self.max_pixels}; "
+              "raise it to read this image")
     return ""
 
 
