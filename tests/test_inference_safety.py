@@ -315,3 +315,43 @@ def test_the_limits_are_flags(workdir, jpegs, tmp_path):
   assert rows.loc["photo.jpg", "error"] == (f"{len(jpeg)} bytes is over --max_file_mb=0.001 (1048 bytes); "
                                            "raise it to read this file")
   assert rows.loc["small.png", "error"] == "20x20 = 400 pixels is over --max_pixels=100; raise it to read this image"
+
+
+def test_saved_model_scores_a_batch_around_its_broken_images(workdir, jpegs, tmp_path, capsys):
+  """One fresh TensorFlow process (no melanoma_jax) serves a batch of good and bad images: each bad one gets
+  probability NaN and its own error, the good ones the predict command's probabilities."""
+  import json  # pylint: disable=g-import-not-at-top
+  good = list(jpegs.values())[:2]
+  encoded = _gif_webp_bmp(good[0])
+  bomb = tmp_path / "bomb.png"
+  _png_bomb(bomb, 20000)
+  batch = {"good0": good[0], "empty": b"", "no_header": good[1][:300], "cut": good[1][:len(good[1]) // 2],
+           "text": b"not an image",
+           "bmp": encoded["BMP"], "webp": encoded["WEBP"], "bomb": bomb.read_bytes(), "good1": good[1]}
+  images = tmp_path / "batch"
+  images.mkdir()
+  for name, data in batch.items():
+    (images / name).write_bytes(data)
+  out = tmp_path / "exported"
+  export.run(str(workdir), str(out), platforms=("cpu",))
+  assert predict_cli.command(str(workdir), str(images), str(tmp_path / "p.csv")) == 0
+  capsys.readouterr()
+  rows = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).set_index("image")
+  script = ("import json, sys, tensorflow as tf\n"
+            "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+            "names = json.loads(sys.argv[3])\n"
+            "got = serve(image_bytes=tf.constant([open(sys.argv[2] + '/' + n, 'rb').read() for n in names]))\n"
+            "print(json.dumps({'probability': [None if p != p else float(p) for p in got['probability'].numpy()],\n"
+            "  'error': [e.decode() for e in got['error'].numpy()], 'ours': 'melanoma_jax' in sys.modules}))\n")
+  proc = _python("-c", script, str(out), str(images), json.dumps(list(batch)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert not got["ours"]
+  served = dict(zip(batch, zip(got["probability"], got["error"])))
+  for name in ("good0", "good1"):
+    assert served[name][1] == "" and abs(served[name][0] - float(rows.loc[name, "probability"])) < 1e-5
+  assert served["cut"] == (None, "not a decodable JPEG or PNG")  # Its header passed; decoding failed.
+  assert rows.loc["cut", "error"].startswith("not a decodable JPEG or PNG (")  # With TF's words.
+  for name in ("empty", "no_header", "text", "bmp", "webp", "bomb"):  # The predict command's own reasons.
+    assert served[name] == (None, rows.loc[name, "error"]), name
+  assert served["bomb"][1].startswith("20000x20000 = 400000000 pixels is over --max_pixels")

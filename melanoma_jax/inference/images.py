@@ -56,6 +56,7 @@ class Reader:
     tf_ = tf()
     self._preprocess = tf_.function(lambda b: preprocess(b, self.image_size),
                                     input_signature=[tf_.TensorSpec([], tf_.string)])
+    self._errors = tf_.function(self.limits.errors, input_signature=[tf_.TensorSpec([None], tf_.string)])
 
   def decode(self, data: bytes):
     """float32 [S, S, 3] in [-1, 1] of encoded bytes; raises TF's InvalidArgumentError if undecodable."""
@@ -66,7 +67,7 @@ class Reader:
     data, error = self.read_bytes(path)
     if error:
       return None, error
-    error = self.limits.header_error(data)
+    error = self._errors(tf().constant([data]))[0].numpy().decode("utf-8")
     if error:
       return None, error
     try:

@@ -6,7 +6,11 @@ inference mode; the preprocessing in front of it is the pipeline's own TF code (
 there is no second implementation of either in TensorFlow.
 
 Signature `serving_default`: `image_bytes` (string [batch], JPEG or PNG, any batch size, 0 included) ->
-`probability` (float32 [batch]); with the run's TTA setting, the mean over the image and its two flips.
+`probability` (float32 [batch]; with the run's TTA setting, the mean over the image and its two flips) and
+`error` (string [batch]). Each image is checked by its header against the export's limits (`limits.py`:
+size, format, pixel count) before it is decoded, and decoded on its own: an image that is refused or cannot
+be decoded gets probability NaN and its reason in `error` ("" for the others), and the rest of the batch is
+scored as if it were alone.
 """
 import contextlib
 import datetime
@@ -18,6 +22,7 @@ import jax
 
 from melanoma_jax import image
 from melanoma_jax.inference import images
+from melanoma_jax.inference import limits as limits_lib
 from melanoma_jax.inference import outputs
 from melanoma_jax.training import steps
 from melanoma_jax.utils.errors import InputError
@@ -26,6 +31,8 @@ from melanoma_jax.utils.tf_host import tf
 MARKER = "melanoma_jax_export.json"
 INPUT = "image_bytes"  # TF Serving's REST API base64-decodes {"b64": ...} values; "_bytes" is its convention.
 OUTPUT = "probability"
+ERROR = "error"
+UNDECODABLE = "not a decodable JPEG or PNG"
 PLATFORMS = ("cpu", "cuda")
 # What tf.saved_model.save writes for this module (checked against the folder's own files before the work).
 PLANNED = ("saved_model.pb", "fingerprint.pb", "variables/variables.index",
@@ -63,7 +70,8 @@ def max_compatibility_stablehlo():
     _export.hlo = hlo
 
 
-def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATFORMS):
+def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATFORMS,
+                   limits: limits_lib.Limits = limits_lib.Limits()):
   """A tf.Module with the `serve` tf.function (see the module docstring) for `trained`'s model.
 
   The model runs with XLA's plain ops (`kernels="xla"`: the same values, and portable to any platform).
@@ -85,17 +93,25 @@ def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATF
 
   @tf_.function(autograph=False, input_signature=[tf_.TensorSpec([None], tf_.string, name=INPUT)])
   def serve(image_bytes):
-    x = tf_.map_fn(lambda b: images.preprocess(b, size), image_bytes,
-                   fn_output_signature=tf_.TensorSpec([size, size, 3], tf_.float32))
-    probs = tf_.cond(tf_.shape(image_bytes)[0] > 0, lambda: converted(weights, x),
-                     lambda: tf_.zeros([0], tf_.float32))
-    return {OUTPUT: tf_.ensure_shape(probs, [None])}
+    n = tf_.shape(image_bytes, out_type=tf_.int64)
+    errors = limits.errors(image_bytes)
+    passed = tf_.where(errors == "")[:, 0]
+    decoded = tf_.data.Dataset.from_tensor_slices((passed, tf_.gather(image_bytes, passed))).map(
+        lambda i, b: (i, images.preprocess(b, size))).ignore_errors()  # A broken image drops out alone.
+    index, x = limits_lib.collect(decoded, (tf_.TensorSpec([], tf_.int64),
+                                            tf_.TensorSpec([size, size, 3], tf_.float32)))
+    probs = tf_.cond(tf_.shape(index)[0] > 0, lambda: converted(weights, x), lambda: tf_.zeros([0], tf_.float32))
+    mark = lambda rows: tf_.scatter_nd(rows[:, None], tf_.ones_like(rows, tf_.bool), n)
+    errors = tf_.where(mark(passed) & ~mark(index), UNDECODABLE, errors)
+    probs = tf_.tensor_scatter_nd_update(tf_.fill(n, float("nan")), index[:, None], tf_.reshape(probs, [-1]))
+    return {OUTPUT: tf_.ensure_shape(probs, [None]), ERROR: tf_.ensure_shape(errors, [None])}
 
   module.serve = serve
   return module
 
 
-def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] = PLATFORMS):
+def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] = PLATFORMS,
+           limits: limits_lib.Limits = limits_lib.Limits()):
   """Writes the SavedModel of `trained` to `out_dir` and returns it.
 
   `out_dir` must be new, empty or an earlier export (`outputs.check_folder`): the SavedModel is written to a
@@ -112,11 +128,12 @@ def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] 
   try:
     os.makedirs(parent, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    module = serving_module(trained, platforms)
+    module = serving_module(trained, platforms, limits)
     with max_compatibility_stablehlo():
       concrete = module.serve.get_concrete_function()
       tf_.saved_model.save(module, tmp, signatures={"serving_default": concrete})
-    record = dict(info, image_size=trained.image_size, tta=trained.tta, input=INPUT, output=OUTPUT,
+    record = dict(info, image_size=trained.image_size, tta=trained.tta, input=INPUT, output=OUTPUT, error=ERROR,
+                  max_file_mb=limits.max_file_mb, max_pixels=limits.max_pixels,
                   platforms=list(platforms), jax=jax.__version__, tensorflow=tf_.__version__,
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
     outputs.claim(tmp, MARKER, record, outputs.tree(tmp))
