@@ -3,8 +3,11 @@
   python -m melanoma_jax.export --workdir=runs/demo --out=exported/demo
 
 Signature `serving_default`: `image_bytes` (a batch of encoded JPEG/PNG strings) -> `probability` (float32,
-one per image), decoding and preprocessing inside the graph as the run's evaluation does, with the run's best
-checkpoint and TTA setting. --out must be new, empty or an earlier export (which is replaced).
+one per image) and `error` (string, one per image: "" or why that image got probability NaN: over
+--max_file_mb or --max_pixels, read from its header before decoding; another format; not decodable),
+decoding and preprocessing inside the graph as the run's evaluation does, with the run's best checkpoint and
+TTA setting. --out must be new, empty or an earlier export, outside the workdir: an earlier
+export's files (listed in its melanoma_jax_export.json) are replaced, files a user added beside them are kept.
 """
 import os
 import sys
@@ -19,15 +22,19 @@ from melanoma_jax.utils import cli
 FLAGS = flags.FLAGS
 
 
-def run(workdir, out, platforms=("cpu", "cuda")):
+def run(workdir, out, platforms=("cpu", "cuda"), limits=None):
+  """The command: exports `workdir`'s model to `out` (raises RunError on bad input); `limits`: the
+  SavedModel's per-image limits (`inference.limits.Limits`, default its defaults)."""
+  from melanoma_jax.inference import limits as limits_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading, tf_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-  outputs.check_writable(os.path.abspath(out), tf_export.MARKER, "--out")  # Before the slow load.
+  # Before the slow load: never into the workdir, never over a file the export did not write.
+  outputs.check_folder(out, tf_export.MARKER, "--out", outputs.Protected(workdir), tf_export.PLANNED)
   if loading.kind_of(workdir) == loading.ENSEMBLE:
     raise loading.one_model_only(workdir, "a SavedModel export")
   trained = loading.load_predictor(workdir)
   return tf_export.export(trained, out, {"workdir": os.path.abspath(workdir), "model": trained.description},
-                          platforms)
+                          platforms, limits or limits_lib.Limits())
 
 
 def main(argv):
@@ -36,10 +43,14 @@ def main(argv):
   start = time.time()
   logging.set_verbosity(logging.WARNING)
   try:
-    path = run(FLAGS.workdir, FLAGS.out, tuple(FLAGS.platforms))
+    from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
+    path = run(FLAGS.workdir, FLAGS.out, tuple(FLAGS.platforms), limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels))
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
+  except OSError as e:  # A file system failure no check foresaw (a disk filling up): one line, not a traceback.
+    print(f"error: {e.filename or FLAGS.out}: {e.strerror or e}", file=sys.stderr)
+    sys.exit(1)
   print(f"exported {FLAGS.workdir} to {path} in {time.time() - start:.0f} s")
 
 
@@ -49,6 +60,11 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "A trained run's directory (main.py --workdir).")
   flags.DEFINE_string("out", None, "SavedModel folder to write.")
   flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel's XLA code is lowered for.")
+  from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_float("max_file_mb", limits.DEFAULT_MAX_FILE_MB, "Largest encoded image the SavedModel decodes "
+                     "(MB); a larger one gets probability NaN and its error.", lower_bound=0)
+  flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image the SavedModel decodes (width x "
+                       "height, read from the header first); a larger one gets NaN and its error.", lower_bound=1)
   flags.mark_flags_as_required(["workdir", "out"])
 
 

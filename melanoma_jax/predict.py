@@ -6,9 +6,17 @@
 
 Loads the run's best checkpoint and the config the run recorded (no --config), reads every JPEG and PNG in
 --images (greyscale, RGBA and CMYK converted to RGB), preprocesses each as the run's own evaluation does and
-predicts with the run's TTA setting. --out gets one row per file: image (file name), probability, error.
+predicts with the run's TTA setting. --out gets one row per file of --images (hidden files, CSV files and
+folders aside): image (file name), probability, error. Other formats (GIF, WebP, BMP, named by their bytes,
+not their extension), links leading out of the folder and files over the size limits get their error row.
+Every text field is quoted, so any file name reads back whole; a name beginning with =, +, -, @, a tab, a
+carriage return or ' is written with a leading ' (a spreadsheet shows it as text, never runs it as a
+formula): the file name is the image value with one leading ' removed (inference/preds_csv.py).
+--out and --saliency never write over an input, the workdir's files or a file this command did not write
+(inference/outputs.py); a path that cannot be written is refused before the model loads.
 A file that cannot be read gets an empty probability and the reason (and a warning); the others are still
-predicted. Exit code 0 when at least one image was predicted, 1 otherwise (or on bad input).
+predicted. A saliency map that cannot be written (a name too long) sets its row's error, the probability
+kept. Exit code 0 when at least one image was predicted, 1 otherwise or on bad input (one error line).
 
 An ensemble workdir averages its fold models' probabilities. With --metadata (ensembles only) it also fuses
 the metadata as the ensemble's test stage does (inference/ensemble.py): columns pred_image (fold mean) and
@@ -35,22 +43,29 @@ def _warn(message):
   print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def shown(name):
+  """`name` for a terminal line: as is if printable, else Python's quoted form (a newline or an escape
+  sequence in a file name cannot break or forge the line)."""
+  return name if name.isprintable() else repr(name)
+
+
 def saliency_path(folder, name):
   """`name`.png in `folder`: the file name kept whole, so a.jpg and a.png get different maps."""
   return os.path.join(folder, f"{name}.png")
 
 
-def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn):
+def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_warn, limits=None):
   """Rows {image, probability, error} for `paths`, in order; saliency PNGs into `saliency_dir` if set.
 
   `predictor`: an `image.TrainedModel` or an ensemble's predictor (`inference.loading.load_predictor`).
   `metadata`: an ensemble's --metadata table (`predictor.read_metadata`): the rows also get pred_image and
   pred_fused, and probability is pred_fused (fusion needs every image of a patient, so it runs once all
   files are read; only the fold models' probabilities and embeddings are kept meanwhile).
-  Files are read and predicted a global batch at a time (the devices' fill), so memory stays bounded.
+  Files are read and predicted a global batch at a time (the devices' fill), so memory stays bounded;
+  `limits` (`inference.limits.Limits`, default its defaults) refuses a file by its size or header first.
   """
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
-  reader = images_lib.Reader(predictor.image_size)
+  reader = images_lib.Reader(predictor.image_size, limits)
   rows, done, start, last = [], 0, time.time(), time.time()
   kept = []  # With metadata: (row indices, the fold models' outputs) per batch.
   for begin in range(0, len(paths), predictor.global_batch):
@@ -60,7 +75,7 @@ def predict_folder(predictor, paths, saliency_dir="", metadata=None, progress=_w
       name = os.path.basename(path)
       array, error = reader.read(path)
       if array is None:
-        _warn(f"{path}: {error}; skipped")
+        _warn(f"{shown(path)}: {error}; skipped")
         rows.append({"image": name, "probability": None, "error": error})
       else:
         arrays.append(array)
@@ -102,61 +117,83 @@ def _fuse(predictor, rows, kept, metadata):
   for i, pred_image, pred_fused, error in zip(indices, fused["pred_image"], fused["pred_fused"], fused["error"]):
     rows[i]["pred_image"] = float(pred_image)
     if error:
-      _warn(f"{rows[i]['image']}: {error}; not fused")
+      _warn(f"{shown(rows[i]['image'])}: {error}; not fused")
       rows[i]["error"] = error
     else:
       rows[i]["pred_fused"] = rows[i]["probability"] = float(pred_fused)
 
 
 def _write_saliency(predictor, x, rows, folder):
+  """Writes each row's map; a map that cannot be written (name too long, disk full) sets that row's error,
+  its probability kept, and the other maps and rows go on."""
   from melanoma_jax.inference import saliency  # pylint: disable=g-import-not-at-top
   cams = saliency.grad_cam(predictor.model, predictor.variables, x)
   smooth = saliency.smoothgrad(predictor.model, predictor.variables, x)
   for image, cam, sg, row in zip(x, cams, smooth, rows):
-    saliency.save_figure(saliency_path(folder, row["image"]), image, cam, sg,
-                         f"{row['image']}: probability {row['probability']:.3f}")
+    title = f"{row['image']}: probability {row['probability']:.3f}" if row["probability"] is not None else ""
+    try:
+      saliency.save_figure(saliency_path(folder, row["image"]), image, cam, sg, title)
+    except (OSError, ValueError) as e:
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+      row["error"] = f"saliency map not written ({reason})"
+      _warn(f"{shown(row['image'])}: {row['error']}")
 
 
-def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None):
-  """The command: returns the rows written to `out` (raises RunError on bad input)."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None):
+  """The command: returns the rows written to `out` (raises RunError on bad input). `limits`: see
+  predict_folder."""
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.utils import files  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import preds_csv  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(out):
-    raise InputError(f"--out={out}: is a folder; give a CSV file name")
   paths = images_lib.list_images(images_dir)
-  kind = loading.kind_of(workdir)  # Every refusal below comes before the slow load.
+  # Every refusal below comes before the slow load: outputs first, so nothing is computed for nothing.
+  protected = outputs.Protected(workdir, images_dir, inputs=paths + ([metadata] if metadata else []))
+  outputs.check_file(out, "--out", protected)
+  planned, ours = [os.path.basename(saliency_path("", os.path.basename(p))) for p in paths], set()
   if saliency_dir:
-    outputs.check_writable(saliency_dir, SALIENCY_MARKER, "--saliency")
-    if kind == loading.ENSEMBLE:
-      raise loading.one_model_only(workdir, "saliency maps")
+    ours = outputs.check_folder(saliency_dir, SALIENCY_MARKER, "--saliency", protected, planned)
+    if outputs.is_inside(out, saliency_dir):
+      raise InputError(f"--out={out}: is inside the --saliency folder {saliency_dir}; choose a path outside it")
+  kind = loading.kind_of(workdir)
+  if saliency_dir and kind == loading.ENSEMBLE:
+    raise loading.one_model_only(workdir, "saliency maps")
   if metadata and kind != loading.ENSEMBLE:
     raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
   predictor = loading.load_predictor(workdir, tta=tta)
   # Only ensembles fuse metadata: read and checked before any image is read.
   table = predictor.read_metadata(metadata) if metadata else None
-  if saliency_dir:
-    outputs.claim(saliency_dir, SALIENCY_MARKER, "--saliency", {"workdir": os.path.abspath(workdir)})
+  info = {"workdir": os.path.abspath(workdir)}
+  if saliency_dir:  # Listed before they are written: a run killed half-way leaves only listed files.
+    outputs.claim(saliency_dir, SALIENCY_MARKER, info, set(ours) | set(planned))
   logging.info("predicting %d file(s) of %s with %s", len(paths), images_dir, predictor.description)
-  rows = predict_folder(predictor, paths, saliency_dir, metadata=table)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  rows = predict_folder(predictor, paths, saliency_dir, metadata=table, limits=limits)
+  if saliency_dir:
+    outputs.claim(saliency_dir, SALIENCY_MARKER, info,
+                  [n for n in set(ours) | set(planned) if os.path.exists(os.path.join(saliency_dir, n))])
   columns = ["image", "probability", "error"] + (["pred_image", "pred_fused"] if metadata else [])
-  files.write_csv(pd.DataFrame(rows, columns=columns), out)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    preds_csv.write(rows, columns, out)
+  except OSError as e:
+    raise InputError(f"--out={out}: cannot be written ({e.strerror or e})") from None
   return rows
 
 
-def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run"):
+def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None):
   """The command line's work and messages; returns its exit code (0: at least one image predicted)."""
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
-    rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta])
+    rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta],
+               limits)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
+  except OSError as e:  # A file system failure no check foresaw (a disk filling up): one line, not a traceback.
+    print(f"error: {shown(e.filename or '')}: {e.strerror or e}", file=sys.stderr)
+    return 1
   predicted = sum(r["probability"] is not None for r in rows)
   print(f"predicted {predicted} of {len(rows)} image(s) in {time.time() - start:.0f} s; wrote {out}"
         + (f" and saliency maps in {saliency_dir}" if saliency_dir else ""))
@@ -169,7 +206,9 @@ def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run"):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta))
+  from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
+  sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta,
+                   limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels)))
 
 
 def _define_flags():
@@ -182,6 +221,11 @@ def _define_flags():
   flags.DEFINE_string("metadata", "", "Per-image metadata CSV (image_name or image, patient_id, sex, age_approx, "
                       "anatom_site_general_challenge), for ensemble workdirs: fused as the ensemble's test rows.")
   flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
+  from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_float("max_file_mb", limits.DEFAULT_MAX_FILE_MB, "Largest image file read (MB); a larger file "
+                     "gets its error row.", lower_bound=0)
+  flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image decoded (width x height, read "
+                       "from the JPEG/PNG header before decoding); a larger image gets its error row.", lower_bound=1)
   flags.mark_flags_as_required(["workdir", "images", "out"])
 
 

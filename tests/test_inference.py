@@ -29,7 +29,7 @@ SIZE = 96  # The tiny model's last feature map is 24x24 here: room for Grad-CAM 
 SEED = 0
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
            TF_CPP_MIN_LOG_LEVEL="2")
-UNREADABLE = {"broken.jpg", "empty.jpeg"}
+UNREADABLE = {"broken.jpg", "empty.jpeg", "notes.txt"}
 
 
 def _python(*args, timeout=300):
@@ -55,7 +55,7 @@ def _records(workdir, pattern):
 
 @pytest.fixture(scope="module")
 def image_folder(workdir):
-  """Test-record JPEG bytes as files, the first one also as grey/RGBA PNG and CMYK JPEG, and two bad files."""
+  """Test-record JPEG bytes as files, the first one also as grey/RGBA PNG and CMYK JPEG, and three bad files."""
   folder = workdir.parent / "images"
   folder.mkdir()
   examples = _records(workdir, "test*.tfrec")[:36]
@@ -84,13 +84,13 @@ def predicted(workdir, image_folder):
 def test_predict_reproduces_the_runs_submission_from_jpeg_files(workdir, predicted, image_folder):
   rows, proc, _ = predicted
   assert list(rows.columns) == ["image", "probability", "error"]
-  files = sorted(p.name for p in image_folder.iterdir() if p.suffix != ".txt")
-  assert sorted(rows["image"]) == files  # One row per JPEG/PNG, the text file ignored.
+  files = sorted(p.name for p in image_folder.iterdir())
+  assert sorted(rows["image"]) == files  # One row per file: the text file gets its error row.
   submission = pd.read_csv(workdir / "submission.csv").set_index("image_name")
   jpegs = rows[rows["image"].str.startswith("ISIC_")]
   want = submission.loc[jpegs["image"].str[:-len(".jpg")], "target"].to_numpy()
   np.testing.assert_allclose(jpegs["probability"].astype(float).to_numpy(), want, rtol=0, atol=1e-5)
-  assert "predicted 39 of 41 image(s)" in proc.stdout
+  assert "predicted 39 of 42 image(s)" in proc.stdout
 
 
 def test_unreadable_files_get_a_reason_and_converted_files_a_prediction(workdir, predicted):
@@ -100,7 +100,8 @@ def test_unreadable_files_get_a_reason_and_converted_files_a_prediction(workdir,
     assert by_name.loc[name, "probability"] == "" and by_name.loc[name, "error"], name
     assert f"{name}: " in proc.stderr
   assert by_name.loc["empty.jpeg", "error"] == "empty file"
-  assert "not a decodable JPEG or PNG" in by_name.loc["broken.jpg", "error"]
+  assert "not a decodable JPEG" in by_name.loc["broken.jpg", "error"]
+  assert by_name.loc["notes.txt", "error"] == "not a decodable JPEG or PNG (unknown format)"
   first = _records(workdir, "test*.tfrec")[0]["image_name"]  # The image the converted files hold.
   original = float(by_name.loc[f"{first}.jpg", "probability"])
   for name in ("grey.png", "rgba.png", "cmyk.jpg"):  # Converted to RGB: finite, near the original.
@@ -291,7 +292,8 @@ def test_saved_model_in_a_fresh_tensorflow_matches_the_predict_command(workdir, 
   proc = _python("-c", script, str(out), str(image_folder), json.dumps(list(rows["image"])))
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert got["inputs"] == ["image_bytes"] and got["outputs"] == ["probability"] and not got["ours"]
+  assert got["inputs"] == ["image_bytes"] and not got["ours"]
+  assert sorted(got["outputs"]) == ["error", "probability"]
   want = rows["probability"].astype(float).to_numpy()
   np.testing.assert_allclose(got["all"], want, rtol=0, atol=1e-5)
   np.testing.assert_allclose(got["one"], want[:1], rtol=0, atol=1e-5)

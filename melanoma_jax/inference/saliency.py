@@ -94,7 +94,7 @@ def save_figure(path, image, cam, smooth, title):
   axes[2].set_title(f"SmoothGrad ({SMOOTHGRAD_SAMPLES} samples)")
   for ax in axes:
     ax.axis("off")
-  fig.suptitle(title)
+  fig.suptitle(title.replace("$", r"\$"))  # A file name is text: a "$" must not start matplotlib's math mode.
   fig.tight_layout()
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=100)

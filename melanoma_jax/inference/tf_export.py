@@ -6,11 +6,14 @@ inference mode; the preprocessing in front of it is the pipeline's own TF code (
 there is no second implementation of either in TensorFlow.
 
 Signature `serving_default`: `image_bytes` (string [batch], JPEG or PNG, any batch size, 0 included) ->
-`probability` (float32 [batch]); with the run's TTA setting, the mean over the image and its two flips.
+`probability` (float32 [batch]; with the run's TTA setting, the mean over the image and its two flips) and
+`error` (string [batch]). Each image is checked by its header against the export's limits (`limits.py`:
+size, format, pixel count) before it is decoded, and decoded on its own: an image that is refused or cannot
+be decoded gets probability NaN and its reason in `error` ("" for the others), and the rest of the batch is
+scored as if it were alone.
 """
 import contextlib
 import datetime
-import json
 import os
 import shutil
 from typing import Sequence
@@ -19,6 +22,7 @@ import jax
 
 from melanoma_jax import image
 from melanoma_jax.inference import images
+from melanoma_jax.inference import limits as limits_lib
 from melanoma_jax.inference import outputs
 from melanoma_jax.training import steps
 from melanoma_jax.utils.errors import InputError
@@ -27,7 +31,12 @@ from melanoma_jax.utils.tf_host import tf
 MARKER = "melanoma_jax_export.json"
 INPUT = "image_bytes"  # TF Serving's REST API base64-decodes {"b64": ...} values; "_bytes" is its convention.
 OUTPUT = "probability"
+ERROR = "error"
+UNDECODABLE = "not a decodable JPEG or PNG"
 PLATFORMS = ("cpu", "cuda")
+# What tf.saved_model.save writes for this module (checked against the folder's own files before the work).
+PLANNED = ("saved_model.pb", "fingerprint.pb", "variables/variables.index",
+           "variables/variables.data-00000-of-00001")
 
 
 @contextlib.contextmanager
@@ -61,7 +70,8 @@ def max_compatibility_stablehlo():
     _export.hlo = hlo
 
 
-def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATFORMS):
+def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATFORMS,
+                   limits: limits_lib.Limits = limits_lib.Limits()):
   """A tf.Module with the `serve` tf.function (see the module docstring) for `trained`'s model.
 
   The model runs with XLA's plain ops (`kernels="xla"`: the same values, and portable to any platform).
@@ -83,47 +93,54 @@ def serving_module(trained: image.TrainedModel, platforms: Sequence[str] = PLATF
 
   @tf_.function(autograph=False, input_signature=[tf_.TensorSpec([None], tf_.string, name=INPUT)])
   def serve(image_bytes):
-    x = tf_.map_fn(lambda b: images.preprocess(b, size), image_bytes,
-                   fn_output_signature=tf_.TensorSpec([size, size, 3], tf_.float32))
-    probs = tf_.cond(tf_.shape(image_bytes)[0] > 0, lambda: converted(weights, x),
-                     lambda: tf_.zeros([0], tf_.float32))
-    return {OUTPUT: tf_.ensure_shape(probs, [None])}
+    n = tf_.shape(image_bytes, out_type=tf_.int64)
+    errors = limits.errors(image_bytes)
+    passed = tf_.where(errors == "")[:, 0]
+    decoded = tf_.data.Dataset.from_tensor_slices((passed, tf_.gather(image_bytes, passed))).map(
+        lambda i, b: (i, images.preprocess(b, size))).ignore_errors()  # A broken image drops out alone.
+    index, x = limits_lib.collect(decoded, (tf_.TensorSpec([], tf_.int64),
+                                            tf_.TensorSpec([size, size, 3], tf_.float32)))
+    probs = tf_.cond(tf_.shape(index)[0] > 0, lambda: converted(weights, x), lambda: tf_.zeros([0], tf_.float32))
+    mark = lambda rows: tf_.scatter_nd(rows[:, None], tf_.ones_like(rows, tf_.bool), n)
+    errors = tf_.where(mark(passed) & ~mark(index), UNDECODABLE, errors)
+    probs = tf_.tensor_scatter_nd_update(tf_.fill(n, float("nan")), index[:, None], tf_.reshape(probs, [-1]))
+    return {OUTPUT: tf_.ensure_shape(probs, [None]), ERROR: tf_.ensure_shape(errors, [None])}
 
   module.serve = serve
   return module
 
 
-def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] = PLATFORMS):
-  """Writes the SavedModel of `trained` to `out_dir` (replacing only an export of ours) and returns it.
+def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] = PLATFORMS,
+           limits: limits_lib.Limits = limits_lib.Limits()):
+  """Writes the SavedModel of `trained` to `out_dir` and returns it.
 
-  Written to a temporary sibling first and renamed into place, so `out_dir` is whole or untouched.
-  `info`: JSON-able facts (source workdir, checkpoint) recorded in `out_dir`/MARKER with the versions.
+  `out_dir` must be new, empty or an earlier export (`outputs.check_folder`): the SavedModel is written to a
+  temporary sibling first, then renamed into place (a new or empty folder) or installed over the files the
+  earlier export's marker lists (`outputs.install`: a user's files beside them stay).
+  `info`: JSON-able facts (source workdir, checkpoint) recorded in `out_dir`/MARKER with the versions and the
+  list of files written.
   """
   tf_ = tf()
   out_dir = os.path.abspath(out_dir)
-  outputs.check_writable(out_dir, MARKER, "--out")
+  outputs.check_folder(out_dir, MARKER, "--out", outputs.Protected(), PLANNED)
   parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
   try:
-    module = serving_module(trained, platforms)
+    os.makedirs(parent, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    module = serving_module(trained, platforms, limits)
     with max_compatibility_stablehlo():
       concrete = module.serve.get_concrete_function()
       tf_.saved_model.save(module, tmp, signatures={"serving_default": concrete})
-    record = dict(info, image_size=trained.image_size, tta=trained.tta, input=INPUT, output=OUTPUT,
+    record = dict(info, image_size=trained.image_size, tta=trained.tta, input=INPUT, output=OUTPUT, error=ERROR,
+                  max_file_mb=limits.max_file_mb, max_pixels=limits.max_pixels,
                   platforms=list(platforms), jax=jax.__version__, tensorflow=tf_.__version__,
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    with open(os.path.join(tmp, MARKER), "w") as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    old = None
-    if os.path.isdir(out_dir):  # Empty, or an earlier export of ours (checked above).
-      old = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.old")
-      os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except (tf_.errors.OpError, ValueError, TypeError) as e:
+    outputs.claim(tmp, MARKER, record, outputs.tree(tmp))
+    outputs.install(tmp, out_dir, MARKER, "--out")
+  except (tf_.errors.OpError, ValueError, TypeError, OSError) as e:
+    if isinstance(e, InputError):
+      raise
     raise InputError(f"--out={out_dir}: the SavedModel export failed: {str(e).splitlines()[0]}") from e
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

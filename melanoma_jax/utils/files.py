@@ -14,7 +14,8 @@ def atomic_path(path):
   path = os.fspath(path)
   folder, name = os.path.split(os.path.abspath(path))
   stem, ext = os.path.splitext(name)
-  tmp = os.path.join(folder, f".{stem}.{os.getpid()}.tmp{ext}")
+  # The stem is cut so the temporary name is never longer than the target's (file systems cap names at 255).
+  tmp = os.path.join(folder, f".{stem[:32]}.{os.getpid()}.tmp{ext[-16:]}")
   try:
     yield tmp
     os.replace(tmp, path)
@@ -23,10 +24,10 @@ def atomic_path(path):
       os.remove(tmp)
 
 
-def write_csv(frame, path):
-  """`frame.to_csv(path, index=False)`, atomically."""
+def write_csv(frame, path, **to_csv):
+  """`frame.to_csv(path, index=False, **to_csv)`, atomically."""
   with atomic_path(path) as tmp:
-    frame.to_csv(tmp, index=False)
+    frame.to_csv(tmp, index=False, **to_csv)
   return path
 
 
