@@ -18,6 +18,7 @@ from configs import ensemble_demo
 from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import metadata, records, synthetic
+from melanoma_jax.data.synthetic import generators
 from melanoma_jax import export as export_cli
 from melanoma_jax import image
 from melanoma_jax.ensemble import context, fitted, fusion, task
@@ -243,8 +244,8 @@ def _lesion_features(jpeg):
   return np.concatenate([colour, [3.0 * lesion.mean()]])
 
 
-def _rendered(df, labels):
-  return np.stack([_lesion_features(synthetic.render_image(0, n, p, bool(t), SIZE, ugly_duckling=1.0))
+def _rendered(df, labels, generator="dermoscopy"):
+  return np.stack([_lesion_features(generators.render_image(generator, 0, n, p, bool(t), SIZE, ugly_duckling=1.0))
                    for n, p, t in zip(df["image_name"], df["patient_id"], labels)])
 
 
@@ -256,7 +257,14 @@ def test_ugly_duckling_is_an_option_that_leaves_ordinary_sets_alone():
     synthetic.generate_dataset("unused", num_patients=2, image_size=SIZE, ugly_duckling=1.5)
 
 
-def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv):
+@pytest.mark.parametrize("generator", ["dermoscopy", "plain"])
+def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv, generator):
+  """The same pipeline on two structurally different generators (the one the design was built on, and the
+  plain one: flat skin, style by colour, darkness, size and outline only): image-only near chance, fused
+  at least 0.85 out of fold and on the held-out labels, with every choice made out of fold.
+
+  Image-only is judged loosely (within 0.2 of 0.5): a patient's benign images share one style, so the
+  benign side holds about one independent draw per patient, not per image."""
   train_all = metadata.load_metadata(real_train_csv, "train")
   test_all = metadata.load_metadata(real_test_csv, "test")
   train_df = train_all[train_all["patient_id"].isin(synthetic.select_patients(train_all, 120, 0, 60))]
@@ -265,7 +273,7 @@ def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv):
   test_labels = synthetic.hidden_test_labels(test_df, 0)
   y = train_df["target"].to_numpy()
   assert y.sum() >= 50 and test_labels.sum() >= 30
-  features, test_features = _rendered(train_df, y), _rendered(test_df, test_labels)
+  features, test_features = _rendered(train_df, y, generator), _rendered(test_df, test_labels, generator)
   fold_ids = folds_lib.assign_folds(train_df, 4, 0)
   # Fold model k: image features alone, fitted on the other folds, as the image folds are.
   per_fold = []
@@ -283,10 +291,11 @@ def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv):
                                 calibration.PlattCalibrator.fit(oof["fusion"], y))
   test = final.predict(test_df, per_fold_test)
   test_probs, test_fused = test["pred_image"].to_numpy(), test["prediction"].to_numpy()
-  assert abs(metrics.roc_auc(y, image_probs) - 0.5) < 0.15
-  assert abs(metrics.roc_auc(test_labels, test_probs) - 0.5) < 0.15
-  assert metrics.roc_auc(y, fused) >= 0.85
-  assert metrics.roc_auc(test_labels, test_fused) >= 0.85
+  aucs = {"image": metrics.roc_auc(y, image_probs), "test image": metrics.roc_auc(test_labels, test_probs),
+          "fused": metrics.roc_auc(y, fused), "test fused": metrics.roc_auc(test_labels, test_fused)}
+  print(generator, {k: round(v, 3) for k, v in aucs.items()})
+  assert abs(aucs["image"] - 0.5) < 0.2 and abs(aucs["test image"] - 0.5) < 0.2
+  assert aucs["fused"] >= 0.85 and aucs["test fused"] >= 0.85
   assert abs(fused.mean() - y.mean()) < 0.02  # Calibrated: at the malignant rate.
 
 
