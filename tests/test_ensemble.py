@@ -400,6 +400,14 @@ def test_ensemble_report_figures_are_those_of_oof_csv(ensemble_run):
   for name, column in stage_columns.items():
     assert results["stage_oof_auc"][name] == pytest.approx(sk_metrics.roc_auc_score(y, oof[column]), abs=1e-12)
   assert results["report"] == {name: stage["auc"] for name, stage in report["stages"].items()}
+  # The second stage's choice: the report shows what results.json records, and each stage's nested AUC is
+  # that of its oof.csv column, scored fold by fold by the candidate named for that fold.
+  assert report["choice"] == {"rule": results["choice_rule"], "candidate_oof_auc": results["candidate_oof_auc"],
+                              "stages": results["stages"]}
+  for stage, record in results["stages"].items():
+    assert record["nested_oof_auc"] == pytest.approx(results["stage_oof_auc"][stage], abs=1e-12)
+    assert set(record["chosen_per_fold"]) == {str(f) for f in oof["fold"].unique()}
+    assert record["chosen_oof_auc"] == results["candidate_oof_auc"][record["chosen"]]
 
 
 # ---------------------------------------------------------------------------------------------------------
