@@ -22,9 +22,16 @@ from melanoma_jax.utils import cli
 FLAGS = flags.FLAGS
 
 
-def run(workdir, out, platforms=("cpu", "cuda"), limits=None):
+def run(workdir, out, platforms=("cpu", "cuda"), limits=None, require_finished=False):
   """The command: exports `workdir`'s model to `out` (raises RunError on bad input); `limits`: the
-  SavedModel's per-image limits (`inference.limits.Limits`, default its defaults)."""
+  SavedModel's per-image limits (`inference.limits.Limits`, default its defaults). The workdir is read
+  under its shared lock: refused while a run trains there."""
+  from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with workdir_lib.read_lock(workdir):
+    return _run(workdir, out, platforms, limits, require_finished)
+
+
+def _run(workdir, out, platforms, limits, require_finished):
   from melanoma_jax.inference import limits as limits_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading, tf_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -33,6 +40,7 @@ def run(workdir, out, platforms=("cpu", "cuda"), limits=None):
   if loading.kind_of(workdir) == loading.ENSEMBLE:
     raise loading.one_model_only(workdir, "a SavedModel export")
   trained = loading.load_predictor(workdir)
+  loading.announce(workdir, trained, require_finished)
   return tf_export.export(trained, out, {"workdir": os.path.abspath(workdir), "model": trained.description},
                           platforms, limits or limits_lib.Limits())
 
@@ -44,7 +52,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
-    path = run(FLAGS.workdir, FLAGS.out, tuple(FLAGS.platforms), limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels))
+    path = run(FLAGS.workdir, FLAGS.out, tuple(FLAGS.platforms), limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels),
+               FLAGS.require_finished)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
@@ -65,6 +74,8 @@ def _define_flags():
                      "(MB); a larger one gets probability NaN and its error.", lower_bound=0)
   flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image the SavedModel decodes (width x "
                        "height, read from the header first); a larger one gets NaN and its error.", lower_bound=1)
+  flags.DEFINE_bool("require_finished", False, "Refuse a run that has not finished training (by default it "
+                    "exports the best checkpoint so far and says so).")
   flags.mark_flags_as_required(["workdir", "out"])
 
 

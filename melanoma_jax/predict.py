@@ -139,9 +139,15 @@ def _write_saliency(predictor, x, rows, folder):
       _warn(f"{shown(row['image'])}: {row['error']}")
 
 
-def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None):
+def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None, require_finished=False):
   """The command: returns the rows written to `out` (raises RunError on bad input). `limits`: see
-  predict_folder."""
+  predict_folder. The workdir is read under its shared lock: refused while a run trains there."""
+  from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with workdir_lib.read_lock(workdir):
+    return _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished)
+
+
+def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished):
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -162,6 +168,7 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits
   if metadata and kind != loading.ENSEMBLE:
     raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
   predictor = loading.load_predictor(workdir, tta=tta)
+  loading.announce(workdir, predictor, require_finished)
   # Only ensembles fuse metadata: read and checked before any image is read.
   table = predictor.read_metadata(metadata) if metadata else None
   info = {"workdir": os.path.abspath(workdir)}
@@ -181,13 +188,13 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits
   return rows
 
 
-def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None):
+def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None, require_finished=False):
   """The command line's work and messages; returns its exit code (0: at least one image predicted)."""
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
     rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta],
-               limits)
+               limits, require_finished)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
@@ -208,7 +215,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta,
-                   limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels)))
+                   limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), FLAGS.require_finished))
 
 
 def _define_flags():
@@ -226,6 +233,8 @@ def _define_flags():
                      "gets its error row.", lower_bound=0)
   flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image decoded (width x height, read "
                        "from the JPEG/PNG header before decoding); a larger image gets its error row.", lower_bound=1)
+  flags.DEFINE_bool("require_finished", False, "Refuse a run that has not finished training (by default it "
+                    "predicts with the best checkpoint so far and says so).")
   flags.mark_flags_as_required(["workdir", "images", "out"])
 
 

@@ -364,3 +364,42 @@ def test_saved_model_scores_a_batch_around_its_broken_images(workdir, jpegs, tmp
   for name in ("empty", "no_header", "text", "bmp", "webp", "bomb"):  # The predict command's own reasons.
     assert served[name] == (None, rows.loc[name, "error"]), name
   assert served["bomb"][1].startswith("20000x20000 = 400000000 pixels is over --max_pixels")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One lock protocol: predict and export read a workdir under its shared lock, never while a run trains there.
+
+def test_predict_and_export_refuse_a_workdir_while_it_trains(workdir, folder, tmp_path, capsys):
+  from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "p.csv"
+  with workdir_lib.lock(str(workdir)):  # What main.py holds for a whole training run.
+    code = predict_cli.command(str(workdir), str(folder), str(out))
+    _refused(capsys, code, f"{workdir} is being trained by process {os.getpid()}",
+             "predict or export when that run has ended")
+    with pytest.raises(InputError, match="is being trained by process"):
+      export.run(str(workdir), str(tmp_path / "exported"))
+  assert not out.exists() and not (tmp_path / "exported").exists()
+  # Readers share the lock with each other, and a run cannot start while one reads.
+  with workdir_lib.read_lock(str(workdir)), workdir_lib.read_lock(str(workdir)):
+    with pytest.raises(InputError, match=r"is in use by .*\(or by a predict or export reading it\)"):
+      with workdir_lib.lock(str(workdir)):
+        pass
+  assert predict_cli.command(str(workdir), str(folder), str(out)) == 0  # Released: predicted.
+  err = capsys.readouterr().err
+  assert "warning" not in err and "best checkpoint of epoch 1" in err  # Which checkpoint, on the terminal.
+
+
+def test_an_unfinished_run_is_predicted_with_a_warning_or_refused(workdir, folder, tmp_path, capsys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(workdir, unfinished)
+  (unfinished / "results.json").unlink()  # As a run killed before it ends leaves it.
+  out = tmp_path / "p.csv"
+  assert predict_cli.command(str(unfinished), str(folder), str(out)) == 0
+  err = capsys.readouterr().err
+  assert (f"warning: {unfinished}: training has not finished (no results.json; latest checkpoint: epoch 1); "
+          "using the best checkpoint so far") in err
+  code = predict_cli.command(str(unfinished), str(folder), str(tmp_path / "q.csv"), require_finished=True)
+  _refused(capsys, code, "training has not finished", "--require_finished refuses it")
+  assert not (tmp_path / "q.csv").exists()

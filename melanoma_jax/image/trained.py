@@ -29,7 +29,7 @@ from absl import logging
 from melanoma_jax.data import pipeline as pipeline_lib
 from melanoma_jax.image import setup
 from melanoma_jax.training import checkpoint as checkpoint_lib
-from melanoma_jax.training import distributed, identity
+from melanoma_jax.training import distributed, identity, loop, results
 from melanoma_jax.training import predict as predict_lib
 from melanoma_jax.training import steps
 from melanoma_jax.utils import files
@@ -101,9 +101,10 @@ class TrainedModel:
   say which checkpoint this is.
   """
 
-  def __init__(self, workdir, run, model, variables, checkpoint_step, epoch):
+  def __init__(self, workdir, run, model, variables, checkpoint_step, epoch, unfinished=""):
     self.workdir, self.run, self.model, self.variables = workdir, run, model, variables
     self.checkpoint_step, self.epoch = int(checkpoint_step), int(epoch)
+    self.unfinished = unfinished  # Why the run is not finished ("" when it is): see `unfinished_reason`.
     self.weights = steps.replicate(ModelWeights(variables["params"], variables.get("batch_stats", {})))
     self._compiled = {}
 
@@ -161,6 +162,17 @@ def recorded_run(workdir, tta: Optional[bool] = None) -> setup.ImageRun:
     raise InputError(f"{workdir}: the recorded config lacks {e}; it was made by another version") from None
 
 
+def unfinished_reason(workdir, latest_meta, num_epochs):
+  """Why the run in `workdir` has not finished training, or "": a run writes results.json when it ends, and
+  its latest checkpoint then holds every epoch (or an early stop)."""
+  epoch = "?" if latest_meta is None else latest_meta["epoch"]
+  if not os.path.exists(os.path.join(workdir, results.NAME)):
+    return f"training has not finished (no {results.NAME}; latest checkpoint: epoch {epoch})"
+  if latest_meta is not None and not loop.is_finished(latest_meta, num_epochs):
+    return f"training has not finished (latest checkpoint: epoch {epoch} of {num_epochs})"
+  return ""
+
+
 def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[bool] = None) -> TrainedModel:
   """The TrainedModel of the best checkpoint in `workdir` (`run` None: the run it recorded, see
   `recorded_run`); one-line InputError when there is none."""
@@ -178,9 +190,12 @@ def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[bool]
     if step is None:
       raise InputError(f"{directory}: no best checkpoint to predict with (train first)")
     variables, meta = manager.restore_part(step, abstract)
+    latest = manager.latest_step()
+    latest_meta = manager.read_meta(latest) if latest is not None else None
   finally:
     manager.close()
-  trained = TrainedModel(workdir, run, model, variables, step, meta["epoch"])
+  trained = TrainedModel(workdir, run, model, variables, step, meta["epoch"],
+                         unfinished_reason(workdir, latest_meta, run.num_epochs))
   logging.info("%s: %s", workdir, trained.description)
   return trained
 

@@ -24,7 +24,7 @@ import pandas as pd
 from melanoma_jax import image
 from melanoma_jax.ensemble import fitted as fitted_lib
 from melanoma_jax.inference import metadata as metadata_lib
-from melanoma_jax.training import identity
+from melanoma_jax.training import identity, results
 from melanoma_jax.utils.errors import InputError
 
 
@@ -53,6 +53,16 @@ class EnsemblePredictor:
   @property
   def tta(self):
     return self.members[0].tta
+
+  @property
+  def unfinished(self):
+    """Why the ensemble has not finished training ("" when it has): a fold's reason, or no results.json."""
+    for k, member in enumerate(self.members):
+      if member.unfinished:
+        return f"fold {k}: {member.unfinished}"
+    if not os.path.exists(os.path.join(self.workdir, results.NAME)):
+      return f"the ensemble has not finished (no {results.NAME})"
+    return ""
 
   @property
   def description(self):

@@ -5,6 +5,7 @@ checkpoint; `score(images)` -> probabilities), an ensemble workdir an `ensemble.
 models' TrainedModels averaged, the metadata fused with its fitted stages). Anything else is refused with
 one line, as are workdirs with no run, no checkpoint, or a config this code cannot resolve.
 """
+import sys
 from typing import Optional
 
 from melanoma_jax import image
@@ -33,3 +34,14 @@ def load_predictor(workdir, tta: Optional[bool] = None):
   if kind_of(workdir) == ENSEMBLE:
     return ensemble.load(workdir, tta)
   return image.load_best(workdir, tta=tta)
+
+
+def announce(workdir, predictor, require_finished=False):
+  """Says on the terminal which checkpoint predicts and, for a run that has not finished training, that it
+  has not; with `require_finished` such a run is refused with one line instead."""
+  shown = workdir if workdir.isprintable() else repr(workdir)
+  if predictor.unfinished:
+    if require_finished:
+      raise InputError(f"{shown}: {predictor.unfinished}; --require_finished refuses it")
+    print(f"warning: {shown}: {predictor.unfinished}; using the best checkpoint so far", file=sys.stderr, flush=True)
+  print(f"{shown}: {predictor.description}", file=sys.stderr, flush=True)
