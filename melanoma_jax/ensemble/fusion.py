@@ -184,6 +184,16 @@ class Stage:
     return stage
 
 
+def fit_oof(fit_predict, fold_ids):
+  """Out-of-fold predictions: fold k's rows get fit_predict(training rows, fold k rows) (index arrays)."""
+  fold_ids = np.asarray(fold_ids)
+  oof = np.full(len(fold_ids), np.nan)
+  for fold in np.unique(fold_ids):
+    train, apply = np.flatnonzero(fold_ids != fold), np.flatnonzero(fold_ids == fold)
+    oof[apply] = fit_predict(train, apply)
+  return oof
+
+
 def _inner_split(train_fold_ids, table, seed):
   """Inner fold ids of an outer fold's training rows: their own outer folds, or (one outer fold only, two
   folds in all) a patient-grouped split of it in two."""
@@ -203,10 +213,7 @@ def nested_oof(fit_predict, fold_ids, table, seed=0):
   """
   fold_ids = np.asarray(fold_ids)
   folds = np.unique(fold_ids)
-  outer = np.full(len(fold_ids), np.nan)
-  for fold in folds:
-    train, apply = np.flatnonzero(fold_ids != fold), np.flatnonzero(fold_ids == fold)
-    outer[apply] = fit_predict(train, apply)
+  outer = fit_oof(fit_predict, fold_ids)
   inner = {int(k): np.full(len(fold_ids), np.nan) for k in folds}
   if len(folds) >= 3:
     for j, k in itertools.combinations(folds, 2):
@@ -230,16 +237,6 @@ def candidate_oof(candidate, table, images, targets, fold_ids, seed=0):
     stage = Stage(candidate.inputs, candidate.family, seed).fit(table.iloc[train], images[train], targets[train])
     return stage.predict(table.iloc[apply], images[apply])
   return nested_oof(fit_predict, fold_ids, table, seed)
-
-
-def fit_oof(fit_predict, fold_ids):
-  """Out-of-fold predictions: fold k's rows get fit_predict(training rows, fold k rows) (index arrays)."""
-  fold_ids = np.asarray(fold_ids)
-  oof = np.full(len(fold_ids), np.nan)
-  for fold in np.unique(fold_ids):
-    train, apply = np.flatnonzero(fold_ids != fold), np.flatnonzero(fold_ids == fold)
-    oof[apply] = fit_predict(train, apply)
-  return oof
 
 
 def calibrate_oof(scores, targets, fold_ids):
