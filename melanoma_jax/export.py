@@ -70,12 +70,8 @@ def _define_flags():
   flags.DEFINE_string("out", None, "SavedModel folder to write.")
   flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel's XLA code is lowered for.")
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_float("max_file_mb", limits.DEFAULT_MAX_FILE_MB, "Largest encoded image the SavedModel decodes "
-                     "(MB); a larger one gets probability NaN and its error.", lower_bound=0)
-  flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image the SavedModel decodes (width x "
-                       "height, read from the header first); a larger one gets NaN and its error.", lower_bound=1)
-  flags.DEFINE_bool("require_finished", False, "Refuse a run that has not finished training (by default it "
-                    "exports the best checkpoint so far and says so).")
+  cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS,
+                          over="gets probability NaN and its error in the SavedModel", uses="exports")
   flags.mark_flags_as_required(["workdir", "out"])
 
 

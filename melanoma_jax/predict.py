@@ -229,12 +229,8 @@ def _define_flags():
                       "anatom_site_general_challenge), for ensemble workdirs: fused as the ensemble's test rows.")
   flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_float("max_file_mb", limits.DEFAULT_MAX_FILE_MB, "Largest image file read (MB); a larger file "
-                     "gets its error row.", lower_bound=0)
-  flags.DEFINE_integer("max_pixels", limits.DEFAULT_MAX_PIXELS, "Largest image decoded (width x height, read "
-                       "from the JPEG/PNG header before decoding); a larger image gets its error row.", lower_bound=1)
-  flags.DEFINE_bool("require_finished", False, "Refuse a run that has not finished training (by default it "
-                    "predicts with the best checkpoint so far and says so).")
+  cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="gets its error row",
+                          uses="predicts with")
   flags.mark_flags_as_required(["workdir", "images", "out"])
 
 

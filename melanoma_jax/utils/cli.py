@@ -18,3 +18,15 @@ def parse_flags(argv):
     message = str(e).strip().splitlines()
     print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
   sys.exit(1)
+
+
+def define_reader_flags(max_file_mb, max_pixels, over, uses):
+  """The flags every command that reads a trained workdir and image bytes shares (predict, export): the image
+  limits (`max_file_mb`, `max_pixels`: their defaults; `over`: what becomes of an image over them) and
+  --require_finished (`uses`: what the command does with an unfinished run's best checkpoint)."""
+  flags.DEFINE_float("max_file_mb", max_file_mb, f"Largest image file read (MB); a larger one {over}.",
+                     lower_bound=0)
+  flags.DEFINE_integer("max_pixels", max_pixels, "Largest image decoded (width x height, read from the JPEG/PNG "
+                       f"header before decoding); a larger one {over}.", lower_bound=1)
+  flags.DEFINE_bool("require_finished", False, "Refuse a run that has not finished training (by default it "
+                    f"{uses} the best checkpoint so far and says so).")
