@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -101,6 +102,10 @@ def test_unreadable_files_get_a_reason_and_converted_files_a_prediction(workdir,
     assert f"{name}: " in proc.stderr
   assert by_name.loc["empty.jpeg", "error"] == "empty file"
   assert "not a decodable JPEG" in by_name.loc["broken.jpg", "error"]
+  # libjpeg's own line ("Improper call to JPEG library in state 201") goes with the file, not on its own.
+  assert "the decoder said: " in by_name.loc["broken.jpg", "error"]
+  decoder_lines = [line for line in proc.stderr.splitlines() if re.search(r"JPEG (library|datastream|data)", line)]
+  assert decoder_lines and all("broken.jpg: " in line for line in decoder_lines), proc.stderr
   assert by_name.loc["notes.txt", "error"] == "not a decodable JPEG or PNG (unknown format)"
   first = _records(workdir, "test*.tfrec")[0]["image_name"]  # The image the converted files hold.
   original = float(by_name.loc[f"{first}.jpg", "probability"])

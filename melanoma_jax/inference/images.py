@@ -16,9 +16,11 @@ import stat
 from typing import Optional
 
 import numpy as np
+from absl import logging
 
 from melanoma_jax.data import pipeline as pipeline_lib
 from melanoma_jax.inference import limits as limits_lib
+from melanoma_jax.utils import native_stderr
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
@@ -67,14 +69,20 @@ class Reader:
     data, error = self.read_bytes(path)
     if error:
       return None, error
-    error = self._errors(tf().constant([data]))[0].numpy().decode("utf-8")
+    with native_stderr.captured() as said:  # libjpeg's own lines name no file: they go with this one's.
+      error = self._errors(tf().constant([data]))[0].numpy().decode("utf-8")
     if error:
-      return None, error
+      return None, _with_decoder_lines(error, said)
     try:
-      return self.decode(data), ""
+      with native_stderr.captured() as said:
+        image = self.decode(data)
     except (tf().errors.InvalidArgumentError, tf().errors.UnknownError) as e:
       message = re.sub(r"\{\{[^}]*\}\}\s*", "", e.message or str(e)).strip().splitlines()
-      return None, f"not a decodable JPEG or PNG ({message[0] if message else type(e).__name__})"
+      return None, _with_decoder_lines(
+          f"not a decodable JPEG or PNG ({message[0] if message else type(e).__name__})", said)
+    if said.lines:  # Decoded, with the decoder's complaint (e.g. a truncated JPEG, its rest filled grey).
+      logging.warning("%s: decoded, but the decoder said: %s", path, "; ".join(said.lines[:3]))
+    return image, ""
 
   def read_bytes(self, path):
     """(the file's bytes, "") or (None, reason): links out of the file's folder, anything but a regular file
@@ -97,6 +105,11 @@ class Reader:
     if not data:
       return None, "empty file"
     return data, self.limits.file_size_error(len(data))
+
+
+def _with_decoder_lines(reason, said):
+  """`reason`, with what the decoder printed while reading the file (its first lines) when it said anything."""
+  return f"{reason}; the decoder said: {'; '.join(said.lines[:3])}" if said.lines else reason
 
 
 def stack(images, image_size: int):
