@@ -193,10 +193,20 @@ def test_missing_data_dir_is_named(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "nan")
   image.train(_config(data_dir, num_epochs=1), workdir)
-  # Other class weights make it another run; forget the record to continue this one with them anyway.
+  # Other class weights make it another run: forget the records (run.json and the run its checkpoints
+  # keep, as a run made before either existed) to continue this one with them anyway.
   os.remove(os.path.join(workdir, "run.json"))
   latest_dir = tmp_path / "nan" / "checkpoints"
   latest = sorted(int(p.name) for p in latest_dir.iterdir() if p.name.isdigit())
+  with pytest.raises(InputError, match=rf"checkpoints/{latest[-1]}: holds a run of another config \(class_weights "
+                                       r"None in the checkpoint, \[1e\+39, 1e\+39\] here\)"):
+    image.train(_config(data_dir, num_epochs=2, class_weights=(1e39, 1e39)), workdir)
+  assert not os.path.exists(os.path.join(workdir, "run.json"))  # Refused before anything was recorded.
+  for step in latest:
+    meta_file = latest_dir / str(step) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["run"]
+    meta_file.write_text(json.dumps(meta))
   with pytest.raises(NonFiniteLossError) as error:  # Weights overflow float32: an inf/NaN loss.
     image.train(_config(data_dir, num_epochs=2, class_weights=(1e39, 1e39)), workdir)
   message = str(error.value)
@@ -281,24 +291,48 @@ def test_more_epochs_extend_a_finished_run(data_dir, tmp_path):
   assert longer["history"][:1] == first["history"] and longer["epochs"] == 2
 
 
-def test_a_prediction_that_fails_half_way_leaves_the_previous_outputs_whole(data_dir, tmp_path):
-  """Validation predictions succeed, then a corrupt test JPEG stops the run: no output may have changed."""
+def _rewrite_first_image(shard, change):
+  """Rewrites `shard` with its first example's image bytes passed through `change`."""
   from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
-  own_data = tmp_path / "data"
-  shutil.copytree(data_dir, own_data)
-  workdir = tmp_path / "run"
-  proc = _main(workdir, own_data, "--config.num_epochs=1")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  outputs = ("oof.csv", "submission.csv", "roc.png", "results.json")
-  before = {name: (workdir / name).stat().st_mtime_ns for name in outputs}
-  shard = sorted(own_data.glob("test*.tfrec"))[0]
   tf_ = tf()
   examples = [tf_.train.Example.FromString(r.numpy()) for r in tf_.data.TFRecordDataset(str(shard))]
-  examples[0].features.feature["image"].bytes_list.value[0] = b"\xff\xd8 not a jpeg"
+  image_bytes = examples[0].features.feature["image"].bytes_list.value
+  image_bytes[0] = change(image_bytes[0])
   with tf_.io.TFRecordWriter(str(shard)) as writer:
     for example in examples:
       writer.write(example.SerializeToString())
+
+
+def test_a_prediction_that_fails_half_way_leaves_the_previous_outputs_whole(data_dir, tmp_path):
+  """A corrupt test JPEG, skipped by the first run (`skip_corrupt` may change between runs), stops a
+  prediction without it after the validation predictions succeeded: no output may have changed."""
+  own_data = tmp_path / "data"
+  shutil.copytree(data_dir, own_data)
+  _rewrite_first_image(sorted(own_data.glob("test*.tfrec"))[0], lambda _: b"\xff\xd8 not a jpeg")
+  workdir = tmp_path / "run"
+  proc = _main(workdir, own_data, "--config.num_epochs=1", "--config.skip_corrupt=true")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  outputs = ("oof.csv", "submission.csv", "roc.png", "results.json")
+  before = {name: (workdir / name).stat().st_mtime_ns for name in outputs}
   proc = _main(workdir, own_data, "--config.num_epochs=1", "--mode=predict")
   assert proc.returncode == 1 and "is not a decodable JPEG" in proc.stderr.strip().splitlines()[-1]
   assert {name: (workdir / name).stat().st_mtime_ns for name in outputs} == before
   assert not [p.name for p in workdir.iterdir() if ".tmp" in p.name]
+
+  # Data identity by content: edits that keep every size are refused, naming the file, before any work.
+  train_csv = own_data / "train.csv"
+  text = train_csv.read_text()
+  train_csv.write_text(text.replace(",0\n", ",1\n", 1))  # A flipped label.
+  config = _config(own_data, num_epochs=1, skip_corrupt=True)
+  for call in (image.train, image.predict):
+    with pytest.raises(InputError, match=r"run\.json: the data of this run changed since it was recorded: "
+                                         r"train\.csv \(sha256 [0-9a-f]{12}\.\.\. now [0-9a-f]{12}\.\.\.\)"):
+      call(config, str(workdir))
+  train_csv.write_text(text)
+  shard = sorted(own_data.glob("test*.tfrec"))[-1]
+  size = shard.stat().st_size
+  _rewrite_first_image(shard, lambda jpeg: jpeg[:-40] + bytes(b ^ 0x55 for b in jpeg[-40:-2]) + jpeg[-2:])
+  assert shard.stat().st_size == size
+  with pytest.raises(InputError, match=rf"data of this run changed since it was recorded: {shard.name} "):
+    image.predict(config, str(workdir))
+  assert {name: (workdir / name).stat().st_mtime_ns for name in outputs} == before

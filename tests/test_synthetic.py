@@ -221,8 +221,7 @@ def test_an_incomplete_dataset_is_regenerated_cleanly(tmp_path):
   first = synthetic.generate_dataset(tmp_path / "ds", **TINY)
   shard = first["train_records"][0]
   good = _read_bytes(shard)
-  with open(shard, "wb") as f:
-    f.write(good[: len(good) // 2])  # Damaged after the fact: the manifest no longer matches.
+  os.remove(shard)  # Lost after the fact: the set is incomplete.
   (tmp_path / "ds.partial").mkdir()  # A scratch folder of an earlier, killed run ...
   (tmp_path / "ds.partial" / ".synthetic-partial").write_text("")  # ... carries the generator's mark.
   second = synthetic.generate_dataset(tmp_path / "ds", **TINY)
@@ -234,6 +233,25 @@ def test_an_incomplete_dataset_is_regenerated_cleanly(tmp_path):
     manifest = json.load(f)
   assert manifest["params"]["image_size"] == SIZE and set(manifest["files"]) == (
       set(os.listdir(second["out_dir"])) - {synthetic.MANIFEST})
+
+
+@pytest.mark.parametrize("edit", ["longer", "same_size"])
+def test_a_file_changed_after_generation_is_never_generated_over(tmp_path, edit):
+  """An edited train.csv (a flipped label keeps its size) or a damaged shard may be the user's work: the set
+  is refused naming the file, for the same parameters and for others, and nothing in it is touched."""
+  first = synthetic.generate_dataset(tmp_path / "ds", **TINY)
+  csv = first["train_csv"]
+  text = open(csv, encoding="utf-8").read()
+  edited = text + "\n" if edit == "longer" else text.replace(",0\n", ",1\n", 1)
+  assert edited != text
+  with open(csv, "w", encoding="utf-8") as f:
+    f.write(edited)
+  before = {n: _read_bytes(os.path.join(first["out_dir"], n)) for n in os.listdir(first["out_dir"])}
+  for params in (TINY, dict(TINY, seed=5)):
+    with pytest.raises(InputError, match=r"ds/train\.csv: changed after the synthetic data generator wrote it") as e:
+      synthetic.generate_dataset(tmp_path / "ds", **params)
+    assert ("same size, other bytes" in str(e.value)) == (edit == "same_size") and "\n" not in str(e.value)
+  assert {n: _read_bytes(os.path.join(first["out_dir"], n)) for n in os.listdir(first["out_dir"])} == before
 
 
 def test_a_folder_the_generator_did_not_write_is_never_replaced(tmp_path):

@@ -10,7 +10,7 @@ from sklearn import metrics as sk_metrics
 
 from melanoma_jax.evaluation import metrics
 from melanoma_jax.training import checkpoint, loop, losses, predict, reporting, state as state_lib, steps
-from melanoma_jax.utils.errors import NonFiniteLossError
+from melanoma_jax.utils.errors import InputError, NonFiniteLossError
 
 
 class TinyNet(nn.Module):
@@ -121,6 +121,22 @@ def test_checkpoint_keeps_latest_and_best(tmp_path):
   for a, b in zip(jax.tree.leaves(latest.params), jax.tree.leaves(st.params)):
     np.testing.assert_array_equal(a, b)
   assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 4, 5]
+  ckpt.close()
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+  """A checkpoint saved without the run in its meta (older runs) and restored into another tree: one
+  InputError naming the step folder, for the whole state and for the variables alone."""
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", monitor="val_auc", max_to_keep=1)
+  ckpt.save(1, {"params": {"dense": {"kernel": np.ones((3, 2), np.float32)}}}, {"epoch": 1}, metric=0.5)
+  other = {"params": {"dense": {"kernel": np.ones((5, 2), np.float32)}}}
+  renamed = {"params": {"conv": {"kernel": np.ones((3, 2), np.float32)}}}
+  for restore, tree in ((ckpt.restore, other), (ckpt.restore_part, other), (ckpt.restore, renamed)):
+    with pytest.raises(InputError) as e:
+      restore(1, tree)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'ckpt' / '1'}: does not hold the variables of the model") and (
+        "\n" not in message), message
   ckpt.close()
 
 

@@ -205,12 +205,13 @@ def train(config, workdir, start_time=None):
     raise InputError(f"config.ensemble.choice={rule!r} must be one of {', '.join(choice.RULES)}")
   setup.resolve(config)  # Refuses a bad image config before any data is generated.
   os.makedirs(workdir, exist_ok=True)
-  data_dir = _data_dir(config, workdir)
-  data = sources.resolve(data_dir)
-  digest = identity.data_digest(data.train_df.attrs["path"], data.test_df.attrs["path"])
   # The record covers what the folds and data depend on; the `ensemble` section (second stage, refitted on
   # every run) may change between runs of the same workdir.
-  identity.check_or_record(workdir, identity.of(_without_ensemble(config), digest))
+  identity.check_config(workdir, _without_ensemble(config))  # Before the synthetic set is (re)generated.
+  data_dir = _data_dir(config, workdir)
+  data = sources.resolve(data_dir)
+  identity.check_or_record(workdir, identity.of_data(_without_ensemble(config), workdir, data.train_df.attrs["path"],
+                                                     data.test_df.attrs["path"], data.train_files + data.test_files))
   train_df, test_df = data.train_df.reset_index(drop=True), data.test_df.reset_index(drop=True)
   seed = int(config.seed)
   fold_ids = folds_lib.assign_folds(train_df, int(config.num_folds), seed)  # The image folds' own split.

@@ -46,10 +46,18 @@ def initial_state(run, model, tx, rng):
   return state_lib.create_train_state(model, tx, rng, None, variables=variables)
 
 
-def _check_identity(config, data, workdir, record=True):
-  """Refuses a workdir that holds a run of another config or data (before anything is restored)."""
-  digest = identity.data_digest(data.train_df.attrs["path"], data.test_df.attrs["path"])
-  identity.check_or_record(workdir, identity.of(config, digest), record=record)
+def _check_identity(config, data, workdir, checkpointer=None):
+  """Refuses a workdir that holds a run of another config or data (before anything is restored); returns
+  the run's identity. With a `checkpointer` (training), the latest checkpoint's own record of its run is
+  compared first and the identity recorded where there is none; without (prediction), it is only checked."""
+  run_identity = identity.of_data(config, workdir, data.train_df.attrs["path"], data.test_df.attrs["path"],
+                                  data.train_files + data.test_files)
+  latest = checkpointer.latest_step() if checkpointer is not None else None
+  if latest is not None:  # Before recording: a deleted run.json must not let another config resume.
+    identity.check_checkpoint(workdir, checkpointer.read_meta(latest), checkpointer.step_dir(latest),
+                              run_identity)
+  identity.check_or_record(workdir, run_identity, record=checkpointer is not None)
+  return run_identity
 
 
 def _train_batches(pipeline, epoch, seed, record_files):
@@ -85,15 +93,17 @@ def train(config, workdir, start_time=None):
   start_time = start_time or time.time()
   run = setup.resolve(config)
   os.makedirs(workdir, exist_ok=True)
+  identity.check_config(workdir, config)  # Before the data: another config must not regenerate this run's.
   data = data_lib.resolve_data(run, workdir)
-  _check_identity(config, data, workdir)
-  split = data_lib.make_split(run, data)
-  pipeline = data_lib.make_pipeline(run, data, split)
   checkpointer = trained_lib.checkpointer(run, workdir)
   try:
+    run_identity = _check_identity(config, data, workdir, checkpointer)
+    split = data_lib.make_split(run, data)
+    pipeline = data_lib.make_pipeline(run, data, split)
     finished = loop.finished_meta(checkpointer, run.num_epochs)
     if finished is None:
-      meta, steps_run, images_per_sec = _fit(run, config, workdir, pipeline, split, data, checkpointer)
+      meta, steps_run, images_per_sec = _fit(run, config, workdir, pipeline, split, data, checkpointer,
+                                             identity.for_checkpoint(run_identity))
     else:
       meta, steps_run, images_per_sec = finished, checkpointer.latest_step(), float("nan")
       logging.info("fold %d: training already finished in an earlier run (%d epochs%s); not training again",
@@ -123,8 +133,9 @@ def train(config, workdir, start_time=None):
   return results
 
 
-def _fit(run, config, workdir, pipeline, split, data, checkpointer):
-  """The fit loop of the run: (meta of its last checkpoint, steps, training images/s)."""
+def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded):
+  """The fit loop of the run: (meta of its last checkpoint, steps, training images/s). Every checkpoint's
+  meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`."""
   weights = data_lib.stream_class_weights(run, pipeline)
   logging.info("global batch %d on %d device(s) of %d process(es), %d steps/epoch, malignant share of the stream "
                "%.3f, class weights %.3f / %.3f", run.global_batch, run.num_devices, run.process_count,
@@ -152,7 +163,7 @@ def _fit(run, config, workdir, pipeline, split, data, checkpointer):
         state, plan, checkpointer, summaries,
         train_step=lambda epoch: compiled_step(epoch < run.freeze_backbone_epochs),
         batches=lambda epoch: _train_batches(pipeline, epoch, run.seed, data.train_files),
-        evaluate=evaluate, learning_rate=schedule)
+        evaluate=evaluate, learning_rate=schedule, meta={"run": recorded})
   finally:
     summaries.close()
   return fitted.meta, int(fitted.state.step), fitted.images_per_sec
@@ -189,8 +200,9 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
   """
   if prepared is None:
     run = setup.resolve(config)
+    identity.check_config(workdir, config)
     data = data_lib.resolve_data(run, workdir)
-    _check_identity(config, data, workdir, record=False)
+    _check_identity(config, data, workdir)
     split = data_lib.make_split(run, data)
     prepared = (run, data, split, data_lib.make_pipeline(run, data, split))
   run, data, split, pipeline = prepared

@@ -180,15 +180,17 @@ def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[bool]
   directory = os.path.join(workdir, CHECKPOINTS)
   if not os.path.isdir(directory):  # Checked first: the checkpointer would create the folder.
     raise InputError(f"{directory}: no best checkpoint to predict with (train first)")
-  model = run.build_model()
-  sample = jnp.zeros((1, run.image_size, run.image_size, 3), jnp.float32)
-  abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, sample, train=False))
-  abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
   manager = checkpointer(run, workdir)
   try:
     step = manager.best_step()
     if step is None:
       raise InputError(f"{directory}: no best checkpoint to predict with (train first)")
+    # Before the model is built: an edited run.json names another model or size than the checkpoint's.
+    identity.check_checkpoint(workdir, manager.read_meta(step), manager.step_dir(step))
+    model = run.build_model()
+    sample = jnp.zeros((1, run.image_size, run.image_size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, sample, train=False))
+    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
     variables, meta = manager.restore_part(step, abstract)
     latest = manager.latest_step()
     latest_meta = manager.read_meta(latest) if latest is not None else None

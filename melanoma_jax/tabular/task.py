@@ -198,8 +198,8 @@ def train(config, workdir, start_time=None):
   run = resolve(config)
   os.makedirs(workdir, exist_ok=True)
   train_df, test_df = checked_tables(config)
-  digest = identity.data_digest(train_df.attrs["path"], test_df.attrs["path"])
-  identity.check_or_record(workdir, identity.of(config, digest))
+  identity.check_or_record(workdir, identity.of_data(config, workdir, train_df.attrs["path"],
+                                                     test_df.attrs["path"]))
   unknown = features.fit(train_df).unknown_categories(test_df)
   fold_ids = folds_lib.assign_folds(train_df, run.num_folds, run.seed)
   folds_lib.check_folds_have_both_classes(train_df, fold_ids, range(run.num_folds))

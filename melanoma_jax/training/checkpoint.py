@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from melanoma_jax.utils.errors import InputError
+
 _NO_METRIC = float("-inf")
 
 
@@ -66,9 +68,22 @@ class Checkpointer:
     """The JSON metadata saved with `step`, without reading the state."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def step_dir(self, step):
+    """The folder of checkpoint `step` (for messages)."""
+    return os.path.join(self.directory, str(step))
+
+  def _restore(self, step, args):
+    try:
+      return self._manager.restore(step, args=args)
+    except (ValueError, KeyError, TypeError) as e:  # Orbax's words for a tree of other names or shapes.
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise InputError(f"{self.step_dir(step)}: does not hold the variables of the model being restored "
+                       f"({first}); it was saved by another model") from None
+
   def restore(self, step, abstract_state):
-    """(state, meta) saved at `step`, restored into the structure of `abstract_state`."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    """(state, meta) saved at `step`, restored into the structure of `abstract_state`; InputError when the
+    checkpoint holds another tree."""
+    restored = self._restore(step, ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_of(abstract_state)), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
@@ -76,7 +91,7 @@ class Checkpointer:
     """(part, meta) of `step`: only the fields of the saved state that `abstract_part` names (a dict of
     some of the state's fields, e.g. {"params": ..., "batch_stats": ...}); the rest is never read, so a
     model's variables load without building its optimizer."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    restored = self._restore(step, ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=abstract_of(abstract_part), partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args(
                                          abstract_of(abstract_part))),

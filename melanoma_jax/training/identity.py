@@ -1,9 +1,12 @@
 """A run's identity: what defines the model a workdir holds, recorded before its first checkpoint.
 
 WORKDIR/run.json holds every config field that changes what the checkpoints mean (task, model, image size,
-folds and fold, seed, optimizer, batch, data source, ...) plus a hash of the data's CSVs. A later train or
-predict on the same workdir compares its config with that record alone, before restoring anything, and
-refuses a mismatch with one line naming the fields that differ. In a multi-process run every process
+folds and fold, seed, optimizer, batch, data source, ...) plus the data's digests: one of its CSVs
+(`data.csv_sha256`) and the sha256 of every file the run reads (`data.files`: the CSVs and record files by
+name), recomputed on every run (`data_files`; a cache in the workdir skips files whose size and modification
+time are unchanged). A later train or predict on the same workdir compares its config and data with that
+record alone, before restoring anything, and refuses a mismatch with one line naming the files that changed
+or else the fields that differ (a record made before `data.files` existed is compared without it). In a multi-process run every process
 checks an existing record, process 0 alone writes a new one, and the others check it after a barrier. Fields
 that may change between runs of the same model (`MAY_CHANGE`: more epochs, logging, prediction-time settings)
 are left out of the record. So are fields added to the config after runs were recorded (`ADDED`) while they
@@ -29,6 +32,8 @@ from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
 RECORD = "run.json"
+DATA_FILES = "data.files"  # The record's {file name: sha256} of the data.
+FILE_DIGESTS = "data_hashes.json"  # The cache of `data_files` (a workdir's own file).
 # Fields a rerun may change, with the value prediction uses when a run recorded none: they extend or
 # observe a run without changing what its checkpoints hold.
 MAY_CHANGE = {
@@ -73,13 +78,54 @@ def data_digest(train_csv, test_csv):
   return hashlib.sha256(json.dumps([digest, records]).encode("utf-8")).hexdigest()
 
 
-def of(config, digest):
-  """The identity of a run of `config` on data whose `data_digest` is `digest`."""
+def data_files(paths, workdir):
+  """{file name: sha256} of the files a run reads (its CSVs and record files), by name so a data folder that
+  moves is still the same data; recomputed from the bytes, through WORKDIR's cache (see the module doc)."""
+  digests = files.sha256_cached(paths, os.path.join(workdir, FILE_DIGESTS), write=distributed.is_primary())
+  names = {}
+  for path in paths:
+    name = os.path.basename(path)
+    names[name if name not in names else os.path.abspath(path)] = digests[path]
+  return names
+
+
+def of(config, digest, data_files=None):  # pylint: disable=redefined-outer-name
+  """The identity of a run of `config` on data whose `data_digest` is `digest` and whose files hash to
+  `data_files` (a `data_files` dict; None: not compared)."""
   fields = _flatten(config.to_dict() if hasattr(config, "to_dict") else dict(config))
   identity = {k: v for k, v in sorted(fields.items())
               if k not in MAY_CHANGE and not (k in ADDED and v == ADDED[k])}
   identity["data.csv_sha256"] = digest
+  if data_files is not None:
+    identity[DATA_FILES] = dict(sorted(data_files.items()))
   return json.loads(json.dumps(identity, default=str))  # As it reads back from run.json.
+
+
+def _short(digest):
+  return f"{digest[:12]}..." if digest else "absent"
+
+
+def _changed_files(recorded, current):
+  """One line on the files whose bytes differ from the record, or "" (also "" when either lacks them)."""
+  if not isinstance(recorded, dict) or not isinstance(current, dict):
+    return ""
+  changed = [n for n in sorted(set(recorded) | set(current)) if recorded.get(n) != current.get(n)]
+  shown = []
+  for name in changed[:3]:
+    if name not in current:
+      shown.append(f"{name} (recorded, now not among the data)")
+    elif name not in recorded:
+      shown.append(f"{name} (new: not among the recorded data)")
+    else:
+      shown.append(f"{name} (sha256 {_short(recorded[name])} now {_short(current[name])})")
+  more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+  return ", ".join(shown) + more
+
+
+def of_data(config, workdir, train_csv, test_csv, record_files=()):
+  """`of(config, ...)` with the digests of the data in `train_csv`, `test_csv` and `record_files`."""
+  return of(config, data_digest(train_csv, test_csv),
+            data_files([train_csv, test_csv, *record_files], workdir))
 
 
 def check_or_record(workdir, identity, record=True):
@@ -104,17 +150,75 @@ def _check_or_record(workdir, path, identity, record):
     with files.atomic_path(path) as tmp, open(tmp, "w") as f:
       json.dump(identity, f, indent=2, sort_keys=True)
     return
+  _compare(path, read_record(path), identity)
+
+
+def read_record(path):
+  """The identity recorded in `path` (a run.json); one-line InputError when unreadable."""
   try:
     with open(path) as f:
       recorded = json.load(f)
   except (OSError, ValueError) as e:
     raise InputError(f"{path}: unreadable run record ({e}); use another --workdir") from None
+  if not isinstance(recorded, dict):
+    raise InputError(f"{path}: not a run record (a JSON object of fields); use another --workdir")
+  return recorded
+
+
+def _compare(path, recorded, identity):
+  files_changed = _changed_files(recorded.get(DATA_FILES), identity.get(DATA_FILES))
+  if files_changed:
+    raise InputError(f"{path}: the data of this run changed since it was recorded: {files_changed}; restore "
+                     "the recorded data or use another --workdir")
+  if DATA_FILES not in recorded or DATA_FILES not in identity:  # A record made before file digests existed.
+    recorded, identity = ({k: v for k, v in d.items() if k != DATA_FILES} for d in (recorded, identity))
   differ = [k for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)]
   if differ:
     shown = ", ".join(f"{k} {recorded.get(k)!r} -> {identity.get(k)!r}" for k in differ[:4])
     more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
     raise InputError(f"{path}: this workdir holds a run of another config or data ({shown}{more}); use another "
                      f"--workdir, or the recorded values (only {', '.join(sorted(MAY_CHANGE))} may change)")
+
+
+def for_checkpoint(identity):
+  """What a checkpoint's meta keeps of the run's identity (`check_checkpoint`): its config fields."""
+  return {k: v for k, v in identity.items() if not k.startswith("data.")}
+
+
+def check_checkpoint(workdir, meta, checkpoint, identity=None):  # pylint: disable=redefined-outer-name
+  """Raises InputError when the run whose checkpoint (a path, for the message) carries `meta` is not the run
+  `identity` describes (None: WORKDIR/run.json's record). An edited `model.name` or `image_size` in run.json
+  would otherwise restore into another model or predict at another size; a run.json deleted to train on
+  with another config would otherwise resume this run's checkpoints. A checkpoint saved before meta carried
+  the run ("run") is not compared."""
+  saved = meta.get("run") if isinstance(meta, dict) else None
+  if not isinstance(saved, dict):
+    return
+  path = os.path.join(workdir, RECORD)
+  if identity is None:
+    now = for_checkpoint(read_record(path)) if os.path.exists(path) else {}
+  else:
+    now = for_checkpoint(identity)
+  differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+  if not differ:
+    return
+  shown = ", ".join(f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} here" for k in differ[:3])
+  shown += f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+  if identity is None:
+    raise InputError(f"{path}: does not describe the run of {checkpoint} ({shown}); it was edited after "
+                     "training: restore the recorded values")
+  raise InputError(f"{checkpoint}: holds a run of another config ({shown}); use another --workdir, or the "
+                   "checkpoint's values")
+
+
+def check_config(workdir, config):
+  """Raises InputError when WORKDIR's record holds another config than `config` (the data left out): called
+  before a run generates or reads its data, so a run of another config never regenerates the recorded run's
+  synthetic set."""
+  path = os.path.join(workdir, RECORD)
+  if os.path.exists(path):
+    recorded = {k: v for k, v in read_record(path).items() if not k.startswith("data.")}
+    _compare(path, recorded, {k: v for k, v in of(config, None).items() if not k.startswith("data.")})
 
 
 def _read_json(path):

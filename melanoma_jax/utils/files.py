@@ -1,10 +1,12 @@
 """Outputs written atomically: to a temporary name beside the target, then renamed over it.
 
 A reader (or a run killed half-way) sees either the old file or the new one, never a torn one. Also the
-one file digest (`sha256`) that records and identities use.
+one file digest (`sha256`) that records and identities use, and `sha256_cached`, which reads a large file
+again only when it changed.
 """
 import contextlib
 import hashlib
+import json
 import os
 
 
@@ -39,3 +41,38 @@ def sha256(*paths):
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
   return digest.hexdigest()
+
+
+def _stamp(path):
+  info = os.stat(path)
+  return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def sha256_cached(paths, cache_path, write=True):
+  """{path: sha256} of each file, reusing `cache_path`'s entry (a JSON file {real path: [size, mtime_ns,
+  inode, sha256]}) for a file whose size, modification time and inode are unchanged, so data of many
+  gigabytes is read once, not on every run. Any edit through the file system moves the modification time,
+  so a file is read again after any change made without forging the time. `write`: whether to save the
+  updated cache (atomically; one process of a run writes it)."""
+  try:
+    with open(cache_path, encoding="utf-8") as f:
+      cache = json.load(f)
+    if not isinstance(cache, dict):
+      cache = {}
+  except (OSError, ValueError):
+    cache = {}  # A missing or damaged cache only costs reading the files again.
+  digests, changed = {}, False
+  for path in paths:
+    real = os.path.realpath(path)
+    stamp = _stamp(real)
+    entry = cache.get(real)
+    if isinstance(entry, list) and entry[:3] == stamp and len(entry) == 4:
+      digests[path] = entry[3]
+      continue
+    digests[path] = sha256(real)
+    cache[real] = stamp + [digests[path]]
+    changed = True
+  if changed and write and os.path.isdir(os.path.dirname(os.path.abspath(cache_path))):
+    with atomic_path(cache_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+      json.dump(cache, f, indent=0, sort_keys=True)
+  return digests

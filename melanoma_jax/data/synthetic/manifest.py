@@ -1,7 +1,8 @@
 """The manifest: what a finished dataset holds and what it was made with, the key to reusing a folder.
 
 It is written last, so a folder without one is incomplete; a folder whose manifest holds other parameters, or
-whose files are missing or of another size, is generated again.
+whose files are missing, is generated again. A listed file whose bytes differ from the manifest's sha256 was
+changed by someone else (an edited train.csv): the folder is refused, never generated again over that edit.
 """
 import hashlib
 import json
@@ -10,6 +11,7 @@ import os
 from melanoma_jax.data.synthetic import generators
 from melanoma_jax.data.synthetic import render
 from melanoma_jax.utils import files
+from melanoma_jax.utils.errors import InputError
 
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic.json"
@@ -42,19 +44,30 @@ def dataset_params(num_patients, num_test_patients, image_size, seed, min_malign
 
 
 def complete_manifest(out_dir, params):
-  """The manifest of out_dir if it is complete (all listed files, right sizes) and made with `params`."""
+  """The manifest of out_dir if it is complete (every listed file, with its bytes) and made with `params`;
+  None when there is none, it holds other parameters or a file is missing. InputError naming the file when a
+  listed file was changed after it was written."""
   try:
     with open(os.path.join(out_dir, MANIFEST)) as f:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError):
     return None
-  if manifest.get("params") != params:
+  listed = manifest.get("files", {}) if isinstance(manifest, dict) else None
+  if not isinstance(listed, dict):
     return None
-  for name, entry in manifest.get("files", {}).items():
+  complete = True
+  for name, entry in sorted(listed.items()):
     path = os.path.join(out_dir, name)
-    if not os.path.isfile(path) or os.path.getsize(path) != entry["bytes"]:
-      return None
-  return manifest
+    if not os.path.isfile(path):
+      complete = False
+      continue
+    size = os.path.getsize(path)
+    if size != entry.get("bytes") or files.sha256(path) != entry.get("sha256"):
+      what = "same size, other bytes" if size == entry.get("bytes") else f"{entry.get('bytes')} -> {size} bytes"
+      raise InputError(f"{path}: changed after the synthetic data generator wrote it ({what}); not generating the "
+                       "set again over it: restore or delete the file (the set is then generated again), or "
+                       "move the folder and give it as data_dir to use it as it is")
+  return manifest if complete and manifest.get("params") == params else None
 
 
 def write_manifest(out_dir, params, counts):
