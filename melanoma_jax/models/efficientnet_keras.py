@@ -112,10 +112,11 @@ def _shapes(layer) -> Dict[str, Tuple[int, ...]]:
 
 
 def _match(variant: str, by_name: Dict[str, Any], num_classes, where: str):
-  """(flat, None) when the layers fit `variant`, else (None, (units matched, InputError))."""
+  """(flat, None) when the layers are those of `variant`, else (None, (units matched, InputError))."""
   model = f"EfficientNet{variant.upper()}"
   flat = {}
-  for position, unit in enumerate(units(variant, num_classes)):
+  expected = units(variant, num_classes)
+  for position, unit in enumerate(expected):
     layer = by_name.get(unit.layer)
     if layer is None:
       return None, (position, InputError(f"{where}: layer '{unit.layer}' of {model} is missing"))
@@ -131,6 +132,11 @@ def _match(variant: str, by_name: Dict[str, Any], num_classes, where: str):
             f"{model} needs {shape}"))
       if path is not None:
         flat[path] = _to_flax(path, np.asarray(layer.weights[role], np.float32))
+  used = {unit.layer for unit in expected}
+  for key, layer in by_name.items():
+    if key not in used:  # B1 has every layer of B0, and more.
+      return None, (len(expected), InputError(
+          f"{where}: layer '{layer.name}' with weights {_shapes(layer)} is not part of {model}"))
   return flat, None
 
 
@@ -171,11 +177,6 @@ def map_layers(layers: Sequence[Any], num_classes, where: str,
     failures.append(failure)
   else:
     raise max(failures, key=lambda f: f[0])[1]
-  used = {unit.layer for unit in units(variant, num_classes)}
-  for key, layer in by_name.items():
-    if key not in used:
-      raise InputError(f"{where}: layer '{layer.name}' with weights {_shapes(layer)} is not part of "
-                       f"EfficientNet{variant.upper()}")
   var_path = ("batch_stats", NORMALIZATION, "var")
   stddev = np.asarray(effnet.IMAGENET_STDDEV_RGB, np.float32)
   if imagenet_rescaling is None:
