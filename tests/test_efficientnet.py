@@ -59,14 +59,21 @@ def keras():
 
 
 def _randomise(keras, model, seed, normalization=None):
-  """Random BatchNorm gamma / beta / moving statistics, biases and Normalization mean / variance
-  (`normalization` = (mean, variance) to set given ones instead)."""
+  """Random BatchNorm gamma / beta, biases and Normalization mean / variance (`normalization` =
+  (mean, variance) to set given ones instead), and BatchNorm moving statistics measured on random images.
+
+  Measured statistics keep every activation of order one: with arbitrary ones the activations of a
+  randomly initialised EfficientNet vanish or saturate, and its output hardly depends on its input (a
+  wrong normalisation of the input then changed the logits by 1e-3 only).
+  """
   rng = np.random.RandomState(seed)
+  batch_norms = []
   for layer in model.layers:
     if isinstance(layer, keras.layers.BatchNormalization):
-      gamma, beta, mean, var = layer.get_weights()
+      gamma, beta, _, _ = layer.get_weights()
       layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
-                         rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
+                         np.zeros_like(beta), np.ones_like(beta)])
+      batch_norms.append(layer)
     elif isinstance(layer, keras.layers.Normalization):
       mean, var = normalization or (rng.uniform(0.3, 0.6, 3), rng.uniform(0.03, 0.09, 3))
       layer.set_weights([np.asarray(mean), np.asarray(var), layer.get_weights()[2]])
@@ -74,6 +81,20 @@ def _randomise(keras, model, seed, normalization=None):
     elif getattr(layer, "use_bias", False):
       kernel, bias = layer.get_weights()
       layer.set_weights([kernel, rng.normal(0, 0.1, bias.shape)])
+  # One training-mode pass with momentum 0 and the dropouts off sets each moving statistic to the
+  # batch's: the statistics of the inference-mode network on those images.
+  dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+  saved = [layer.momentum for layer in batch_norms], [layer.rate for layer in dropouts]
+  for layer in batch_norms:
+    layer.momentum = 0.0
+  for layer in dropouts:
+    layer.rate = 0.0
+  size = model.input_shape[1]  # At least ~128 values per channel where the map is 1x1.
+  model(rng.uniform(0, 255, (max(32, 2**17 // size**2), size, size, 3)).astype(np.float32), training=True)
+  for layer, momentum in zip(batch_norms, saved[0]):
+    layer.momentum = momentum
+  for layer, rate in zip(dropouts, saved[1]):
+    layer.rate = rate
   return model
 
 
@@ -197,12 +218,12 @@ def _full_features(full, images):
 def test_every_variant_converts_from_keras_and_matches_it(variant, keras):
   """B0-B7 from a live Keras model at 32x32 (the smallest Keras allows): recognised, and equal."""
   keras.utils.set_random_seed(0)
-  model = _randomise(keras, _application(keras, variant, 32, classes=3, classifier_activation=None), 5)
-  x = np.random.RandomState(1).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+  model = _randomise(keras, _application(keras, variant, 32, classes=CLASSES, classifier_activation=None), 5)
+  x = np.random.RandomState(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
   variables = load_keras_weights(model)
   assert keras_weights.backbone_name(variables) == f"efficientnet_{variant}"
-  assert variables["params"]["predictions"]["kernel"].shape == (efficientnet.widths(variant)[1], 3)
-  logits = backbone(f"efficientnet_{variant}", 3).apply(variables, x, train=False)
+  assert variables["params"]["predictions"]["kernel"].shape == (efficientnet.widths(variant)[1], CLASSES)
+  logits = backbone(f"efficientnet_{variant}", CLASSES).apply(variables, x, train=False)
   diff = rel_diff(logits, model(x, training=False))
   print(f"parity 32x32 EfficientNet{variant.upper()} logits: max rel diff {diff:.2e}")
   assert diff <= RTOL
@@ -268,3 +289,131 @@ def test_drop_connect_zeroes_whole_samples_in_training_only():
 def dataclasses_replace(spec, **changes):
   import dataclasses  # pylint: disable=g-import-not-at-top
   return dataclasses.replace(spec, **changes)
+
+
+# --------------------------------------------------------------------- ImageNet's normalisation
+def test_imagenet_rescaling_is_folded_into_the_variance(keras, images, tmp_path, monkeypatch):
+  """Keras' weights="imagenet" model divides once more by sqrt(stddev) after its Normalization, whose
+  variance the official files store as the stddev: the converted model equals that model, from the live
+  model, its full .h5 and the weights-only file; a model without that Rescaling keeps its variance."""
+  from keras.src.utils import file_utils  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(4)
+  official = _application(keras, "b0", SIZE, include_top=False, pooling="avg")  # No Rescaling.
+  weights = str(tmp_path / "efficientnetb0_notop.h5")
+  _save_legacy_weights(official, weights)
+  monkeypatch.setattr(file_utils, "get_file", lambda *args, **kwargs: weights)  # No download.
+  imagenet = keras.applications.EfficientNetB0(weights="imagenet", include_top=False, pooling="avg",
+                                               input_shape=(SIZE, SIZE, 3))
+  _randomise(keras, imagenet, 8,
+             normalization=(efficientnet.IMAGENET_MEAN_RGB, efficientnet.IMAGENET_STDDEV_RGB))
+  _save_legacy_weights(imagenet, weights)  # The official file's layout and Normalization values.
+  official.load_weights(weights)
+  full = str(tmp_path / "imagenet_full.h5")
+  imagenet.save(full)
+  want = np.asarray(imagenet(images, training=False))
+  assert rel_diff(official(images, training=False), want) > 1e-2  # The Rescaling matters.
+  apply = jitted_apply("b0", None)
+  for source in (imagenet, full, weights):
+    variables = load_keras_weights(source, num_classes=None)
+    np.testing.assert_allclose(variables["batch_stats"]["normalization"]["var"],
+                               np.square(efficientnet.IMAGENET_STDDEV_RGB), rtol=1e-6)
+    assert rel_diff(apply(variables, images), want) <= RTOL
+  assert_trees_equal(load_keras_weights("imagenet:efficientnet_b0", num_classes=None),
+                     load_keras_weights(imagenet, num_classes=None))
+  plain = load_keras_weights(official, num_classes=None)  # Its graph has no such Rescaling.
+  np.testing.assert_allclose(plain["batch_stats"]["normalization"]["var"],
+                             efficientnet.IMAGENET_STDDEV_RGB, rtol=1e-6)
+  assert rel_diff(apply(plain, images), official(images, training=False)) <= RTOL
+
+
+def test_fresh_init_normalises_with_imagenet_statistics():
+  variables = EfficientNet(variant="b0", num_classes=None).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  normalization = variables["batch_stats"]["normalization"]
+  np.testing.assert_allclose(normalization["mean"], efficientnet.IMAGENET_MEAN_RGB, rtol=1e-6)
+  np.testing.assert_allclose(normalization["var"], np.square(efficientnet.IMAGENET_STDDEV_RGB), rtol=1e-6)
+  assert "normalization" not in variables["params"]
+
+
+# ------------------------------------------------------------------------------------- refusals
+def test_unknown_architecture_is_refused_naming_the_first_layer_that_does_not_fit(keras):
+  """An EfficientNet of width 1.05 is none of B0-B7: it first departs from B0 (the variant it follows
+  furthest) at block4a's projection, 88 filters instead of 80."""
+  from keras.src.applications.efficientnet import EfficientNet as KerasEfficientNet  # pylint: disable=g-import-not-at-top
+  model = KerasEfficientNet(1.05, 1.0, 224, weights=None, input_shape=(32, 32, 3), include_top=False)
+  with pytest.raises(InputError, match=r"'block4a_project_conv'.*EfficientNetB0.*\(1, 1, 240, 88\).*"
+                     r"\(1, 1, 240, 80\)") as error:
+    load_keras_weights(model)
+  assert "\n" not in str(error.value)
+
+
+def test_missing_layer_and_wrong_top_are_named(files, tmp_path):
+  path = str(tmp_path / "missing.h5")
+  shutil.copy(files["b0"]["legacy_weights"], path)
+  with h5py.File(path, "r+") as f:
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]]
+    f.attrs["layer_names"] = [n.encode() for n in names if n != "block6c_se_reduce"]
+  with pytest.raises(InputError, match="'block6c_se_reduce' of EfficientNetB0 is missing"):
+    load_keras_weights(path)
+  with pytest.raises(InputError, match=rf"'predictions'.*\(1280, {CLASSES}\).*\(1280, 7\)"):
+    load_keras_weights(files["b0"]["legacy_weights"], num_classes=7)
+  with pytest.raises(InputError, match="no top"):
+    load_keras_weights(files["b0"]["notop"], num_classes=CLASSES)
+
+
+def test_backbone_names_and_input_shapes():
+  assert BACKBONES == ("inception_resnet_v2",) + tuple(f"efficientnet_b{i}" for i in range(8))
+  irv2 = backbone("inception_resnet_v2")
+  assert isinstance(irv2, InceptionResNetV2) and irv2.num_classes is None
+  b5 = backbone("efficientnet_b5", 4, remat=True)
+  assert isinstance(b5, EfficientNet) and (b5.variant, b5.num_classes, b5.remat) == ("b5", 4, True)
+  with pytest.raises(InputError, match="'efficientnet_b8' must be one of inception_resnet_v2, "
+                     "efficientnet_b0, .*efficientnet_b7"):
+    backbone("efficientnet_b8")
+  with pytest.raises(InputError, match=r"got an array of shape \(1, 31, 32, 3\)"):
+    EfficientNet(variant="b0").init(jax.random.PRNGKey(0), jnp.zeros((1, 31, 32, 3)), train=False)
+
+
+# -------------------------------------------------------------------------------- cache, Keras 3
+def test_cache_cli_round_trip_names_the_backbone(files, tmp_path, capsys):
+  out = str(tmp_path / "b3_notop")
+  assert keras_weights.main(["--source", files["b3"]["keras3"], "--out", out, "--no-top"]) == 0
+  assert "(no top) of efficientnet_b3 to" in capsys.readouterr().out
+  restored = load_keras_weights(out)
+  assert keras_weights.backbone_name(restored) == "efficientnet_b3"
+  assert_trees_equal(restored, load_keras_weights(files["b3"]["keras3"], num_classes=None))
+  with pytest.raises(InputError, match="without the top"):
+    load_keras_weights(out, num_classes=CLASSES)
+
+
+def test_keras3_file_without_layer_names_loads_through_keras(files, tmp_path):
+  path = str(tmp_path / "old.weights.h5")
+  shutil.copy(files["b0"]["keras3"], path)
+  with h5py.File(path, "r+") as f:
+    for key in f["layers"]:
+      if "vars" in f["layers"][key]:
+        f["layers"][key]["vars"].attrs.pop("name", None)
+  assert_trees_equal(load_keras_weights(path, num_classes=CLASSES),
+                     load_keras_weights(files["b0"]["keras3"], num_classes=CLASSES))
+
+
+# -------------------------------------------------------------------------- pmap, remat, dtype
+def test_pmap_averages_batch_stats_and_remat_keeps_values_and_gradients(files):
+  variables = load_keras_weights(files["b0"]["legacy_weights"])
+  x = np.random.RandomState(5).uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+  model = EfficientNet(variant="b0", num_classes=CLASSES, drop_connect_rate=0.0, dropout_rate=0.0)
+  single = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  sharded = jax.pmap(lambda v, x: model.clone(bn_axis_name="batch").apply(
+      v, x, train=True, mutable=["batch_stats"]), axis_name="batch", in_axes=(None, 0))(
+          variables, x.reshape(8, 1, 32, 32, 3))
+  assert rel_diff(np.asarray(sharded[0]).reshape(8, CLASSES), single[0]) <= RTOL
+  for got, want in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1])):
+    np.testing.assert_allclose(np.asarray(got)[0], want, rtol=RTOL, atol=RTOL)
+
+  def loss(params, remat):
+    return jnp.sum(model.clone(remat=remat).apply(
+        {**variables, "params": params}, x[:2], train=False) ** 2)
+  grads = [jax.jit(jax.grad(loss), static_argnums=1)(variables["params"], remat) for remat in (False, True)]
+  assert jax.tree.structure(grads[1]) == jax.tree.structure(grads[0])
+  for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    assert rel_diff(got, want) <= RTOL
