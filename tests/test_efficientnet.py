@@ -7,6 +7,7 @@ a wrong epsilon or a dropped bias would hide). Inputs are 65x65: an odd side at 
 (65, 33, 17, 9, 5), so Keras' `correct_pad` takes its odd-size branch everywhere; the all-variants test runs
 at 32x32, even everywhere. Each jitted Flax function is compiled once and shared.
 """
+import dataclasses
 import functools
 import shutil
 
@@ -96,6 +97,12 @@ def _randomise(keras, model, seed, normalization=None):
   for layer, rate in zip(dropouts, saved[1]):
     layer.rate = rate
   return model
+
+
+def _keras_efficientnet():
+  """Keras' own EfficientNet builder, which takes the width, depth and drop-connect rate."""
+  from keras.src.applications import efficientnet as keras_efficientnet  # pylint: disable=g-import-not-at-top
+  return keras_efficientnet.EfficientNet
 
 
 def _application(keras, variant, size, **kwargs):
@@ -232,9 +239,8 @@ def test_every_variant_converts_from_keras_and_matches_it(variant, keras):
 # ---------------------------------------------------------------------- training, drop-connect
 def test_training_mode_matches_keras(keras, images):
   """Batch statistics in the forward pass and the moving averages they update, with both dropouts off."""
-  from keras.src.applications.efficientnet import EfficientNet as KerasEfficientNet  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(3)
-  model = _randomise(keras, KerasEfficientNet(
+  model = _randomise(keras, _keras_efficientnet()(
       1.0, 1.0, 224, dropout_rate=0.0, drop_connect_rate=0.0, weights=None,
       input_shape=(SIZE, SIZE, 3), classes=CLASSES, classifier_activation=None), 7)
   variables = load_keras_weights(model)
@@ -273,7 +279,7 @@ def test_drop_connect_zeroes_whole_samples_in_training_only():
                        mutable=["batch_stats"])[0]
     return np.asarray(out) - x  # The residual branch.
 
-  kept = run(efficientnet.MBConv(dataclasses_replace(spec, drop_rate=0.0)), True, 0)
+  kept = run(efficientnet.MBConv(dataclasses.replace(spec, drop_rate=0.0)), True, 0)
   branch = run(block, True, 1)
   dropped = [i for i in range(16) if np.all(branch[i] == 0)]
   scaled = [i for i in range(16) if i not in dropped]
@@ -282,13 +288,8 @@ def test_drop_connect_zeroes_whole_samples_in_training_only():
   assert not np.array_equal(branch, run(block, True, 2))  # Another rng, other samples.
   evaluated = run(block, False, 1)
   np.testing.assert_array_equal(evaluated, run(block, False, 2))
-  np.testing.assert_array_equal(evaluated, run(efficientnet.MBConv(dataclasses_replace(spec, drop_rate=0.0)),
+  np.testing.assert_array_equal(evaluated, run(efficientnet.MBConv(dataclasses.replace(spec, drop_rate=0.0)),
                                                False, 3))
-
-
-def dataclasses_replace(spec, **changes):
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return dataclasses.replace(spec, **changes)
 
 
 # --------------------------------------------------------------------- ImageNet's normalisation
@@ -339,8 +340,7 @@ def test_fresh_init_normalises_with_imagenet_statistics():
 def test_unknown_architecture_is_refused_naming_the_first_layer_that_does_not_fit(keras):
   """An EfficientNet of width 1.05 is none of B0-B7: it first departs from B0 (the variant it follows
   furthest) at block4a's projection, 88 filters instead of 80."""
-  from keras.src.applications.efficientnet import EfficientNet as KerasEfficientNet  # pylint: disable=g-import-not-at-top
-  model = KerasEfficientNet(1.05, 1.0, 224, weights=None, input_shape=(32, 32, 3), include_top=False)
+  model = _keras_efficientnet()(1.05, 1.0, 224, weights=None, input_shape=(32, 32, 3), include_top=False)
   with pytest.raises(InputError, match=r"'block4a_project_conv'.*EfficientNetB0.*\(1, 1, 240, 88\).*"
                      r"\(1, 1, 240, 80\)") as error:
     load_keras_weights(model)
