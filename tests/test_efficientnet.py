@@ -417,3 +417,22 @@ def test_pmap_averages_batch_stats_and_remat_keeps_values_and_gradients(files):
   assert jax.tree.structure(grads[1]) == jax.tree.structure(grads[0])
   for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
     assert rel_diff(got, want) <= RTOL
+
+
+def test_top_dropout_in_training_only_and_bfloat16(files):
+  """Top dropout (B0's 0.2) changes the logits in training, not the batch statistics before it; a
+  bfloat16 model keeps float32 variables and stays close to the float32 one."""
+  variables = load_keras_weights(files["b0"]["legacy_weights"])
+  x = np.random.RandomState(6).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+  model = EfficientNet(variant="b0", num_classes=CLASSES, drop_connect_rate=0.0)
+  train = jax.jit(lambda v, x, seed: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                                 rngs={"dropout": jax.random.PRNGKey(seed)}))
+  (first, stats_1), (second, stats_2) = train(variables, x, 0), train(variables, x, 1)
+  assert rel_diff(first, second) > 1e-3
+  assert_trees_equal(stats_1, stats_2)
+  want = jitted_apply("b0", CLASSES)(variables, x)
+  half = EfficientNet(variant="b0", num_classes=CLASSES, dtype=jnp.bfloat16)
+  got = jax.jit(lambda v, x: half.apply(v, x, train=False))(variables, x)
+  assert got.dtype == jnp.float32 and rel_diff(got, want) < 0.1
+  shapes = jax.eval_shape(lambda: half.init(jax.random.PRNGKey(0), x, train=False))
+  assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
