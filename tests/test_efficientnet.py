@@ -384,6 +384,11 @@ def test_cache_cli_round_trip_names_the_backbone(files, tmp_path, capsys):
   assert_trees_equal(restored, load_keras_weights(files["b3"]["keras3"], num_classes=None))
   with pytest.raises(InputError, match="without the top"):
     load_keras_weights(out, num_classes=CLASSES)
+  params = dict(restored["params"])
+  del params["block7b"]  # No variant has B3's blocks but its last.
+  changed = keras_weights.save_variables({**restored, "params": params}, str(tmp_path / "changed"))
+  with pytest.raises(InputError, match=r"no EfficientNet B0-B7 \(stem_conv kernel \(3, 3, 3, 40\), 26 blocks"):
+    load_keras_weights(changed)
 
 
 def test_keras3_file_without_layer_names_loads_through_keras(files, tmp_path):
