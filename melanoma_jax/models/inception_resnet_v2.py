@@ -1,7 +1,7 @@
 """InceptionResNetV2 in Flax linen, layer for layer equal to keras.applications.InceptionResNetV2.
 
 The network is described by the spec tables below; both the module and the Keras weight converter
-(`keras_weights.py`) read them, so the converter's layer order cannot drift from the module.
+(`inception_resnet_v2_keras.py`) read them, so the converter's layer order cannot drift from the module.
 
 Variables tree (`num_classes=None` drops `predictions`):
   params:      conv_1a ... conv_4a, mixed_5b, block35_1..10, mixed_6a, block17_1..20, mixed_7a,

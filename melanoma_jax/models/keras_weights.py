@@ -1,11 +1,18 @@
-"""Keras InceptionResNetV2 weights -> variables of the Flax `InceptionResNetV2`, cached with orbax.
+"""Keras application weights -> variables of the equal Flax backbone, cached with orbax.
 
 Public names:
   load_keras_weights(source, num_classes="auto") -> {'params': ..., 'batch_stats': ...}
+  backbone_name(variables) -> which of `backbones.BACKBONES` the variables belong to.
   init_backbone_variables(source, include_top) -> the same; what the training code calls.
   save_variables(variables, directory, force=False): writes the orbax cache read back by the above.
   main(argv): the cache CLI,
     python -m melanoma_jax.models.keras_weights --source FILE --out DIR [--no-top] [--force]
+
+The architecture is recognised from the source: a layer named `stem_conv` makes it an EfficientNet
+(the variant, B0-B7, is the one whose layers it has: `efficientnet_keras.py`), anything else is
+matched against InceptionResNetV2 (`inception_resnet_v2_keras.py`). Each family's module owns its
+layer mapping; this one reads the layers and caches the result. A source that fits neither is
+refused in one InputError line naming the first layer that does not fit and both shapes.
 
 `source` is one of:
   - a legacy Keras HDF5 file: a full model (`model.save("x.h5")`) or weights only (the layout of
@@ -13,22 +20,15 @@ Public names:
   - a Keras 3 `.weights.h5` file (`model.save_weights`),
   - a live `keras.Model`,
   - a directory written by `save_variables` / the CLI,
-  - "imagenet": Keras downloads the official weights (needs internet or Keras' file cache).
-`num_classes`: "auto" keeps the source's top layer if it has one; None drops it (backbone only);
+  - "imagenet" or "imagenet:<backbone>" (e.g. "imagenet:efficientnet_b3"; plain "imagenet" is
+    InceptionResNetV2): Keras downloads the official weights (needs internet or Keras' file cache).
+`num_classes`: "auto" keeps the source's top if it has one; None drops it (backbone only);
 an int requires a top with that many classes.
-
-Layers are matched by structure, never by auto-generated names: Keras names each unnamed layer
-`<class>_<counter>` with a global creation counter, so the unnamed Conv2D and BatchNormalization
-layers are put in creation order (their counters' relative order; any offset works) and paired with
-`inception_resnet_v2.conv_bn_paths()`. The layers Keras names explicitly (`block35_1_conv`, ...,
-`conv_7b`, `conv_7b_bn`) are matched by those names and the one Dense layer is the top. Every
-shape is checked; the first mismatch raises InputError naming the layer and both shapes.
 """
 import argparse
 import dataclasses
-import functools
+import json
 import os
-import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -39,16 +39,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from melanoma_jax.models import inception_resnet_v2 as irv2
+from melanoma_jax.models import backbones
+from melanoma_jax.models import efficientnet as effnet
+from melanoma_jax.models import efficientnet_keras
+from melanoma_jax.models import inception_resnet_v2_keras as irv2_keras
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
 AUTO = "auto"
 TOP = "predictions"
-_TOP_CONV, _ = irv2.TOP_CONV
+IRV2 = "inception_resnet_v2"
 _BN_ROLES = ("beta", "moving_mean", "moving_variance")
 _MODULE = "melanoma_jax.models.keras_weights"
-_COUNTER = re.compile(r"^(.*?)(?:_(\d+))?$")
 
 Variables = Dict[str, Any]
 Flat = Dict[Tuple[str, ...], np.ndarray]
@@ -77,21 +79,31 @@ class _Layer:
 
 # ----------------------------------------------------------------------------------------- readers
 def _role(weight_name: str) -> str:
-  """'conv2d_1/kernel:0' or 'kernel' -> 'kernel'."""
-  return weight_name.split("/")[-1].split(":")[0]
+  """'conv2d_1/kernel:0' or 'kernel' -> 'kernel'; Keras 2 names a depthwise kernel 'depthwise_kernel'."""
+  role = weight_name.split("/")[-1].split(":")[0]
+  return "kernel" if role == "depthwise_kernel" else role
 
 
 def _text(value) -> str:
   return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
-def _read_keras_model(model) -> List[_Layer]:
+@dataclasses.dataclass(frozen=True)
+class _Read:
+  """What a source holds: its weight-carrying layers, and whether its Keras graph has the ImageNet
+  `Rescaling` of EfficientNet (None when the source has no graph: a weights-only file)."""
+  layers: List[_Layer]
+  imagenet_rescaling: Optional[bool] = None
+
+
+def _read_keras_model(model) -> _Read:
+  scales = [(type(layer).__name__, getattr(layer, "scale", None)) for layer in model.layers]
   layers = []
   for layer in model.layers:
     if layer.weights:
       layers.append(_Layer(layer.name, {_role(v.name): np.asarray(v, np.float32)
                                         for v in layer.weights}))
-  return layers
+  return _Read(layers, efficientnet_keras.has_imagenet_rescaling(scales))
 
 
 def _read_legacy_group(group: h5py.Group) -> List[_Layer]:
@@ -115,6 +127,8 @@ def _roles_by_shape(arrays: Sequence[np.ndarray]) -> Tuple[str, ...]:
     return _BN_ROLES
   if ranks == [1, 1, 1, 1]:
     return ("gamma",) + _BN_ROLES
+  if ranks == [1, 1, 0]:  # Normalization.
+    return ("mean", "variance", "count")
   return tuple(f"variable_{i}" for i in range(len(arrays)))
 
 
@@ -147,180 +161,120 @@ def _keras3_top_classes(group: h5py.Group) -> Optional[int]:
   return None
 
 
-def _read_keras3_via_keras(path: str, top_classes: Optional[int]) -> List[_Layer]:
-  """Loads a `.weights.h5` without layer names into a fresh Keras model, by Keras' own mapping."""
+def _keras3_candidates(group: h5py.Group) -> Tuple[str, ...]:
+  """The backbones a `.weights.h5` without layer names may hold: the EfficientNets with as many
+  depthwise convolutions (Keras' keys: depthwise_conv2d[_N]) as blocks, else InceptionResNetV2."""
+  depthwise = sum(1 for key in group if key.split("_")[:2] == ["depthwise", "conv2d"])
+  if not depthwise:
+    return (IRV2,)
+  return tuple(efficientnet_keras.name(v) for v in effnet.VARIANTS
+               if len(effnet.blocks(v)) == depthwise)
+
+
+def _read_keras3_via_keras(path: str, candidates: Sequence[str],
+                           top_classes: Optional[int]) -> _Read:
+  """Loads a `.weights.h5` without layer names into a fresh Keras model, by Keras' own mapping: the
+  first of `candidates` that takes it."""
+  error = None
+  for name in candidates:
+    model = _keras_application(name, weights=None, num_classes=top_classes)
+    try:
+      model.load_weights(path)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+      continue
+    read = _read_keras_model(model)
+    return _Read(read.layers)  # A weights-only file: no graph to say whether it rescales.
+  raise InputError(f"{path}: Keras cannot load it into {' or '.join(candidates)}: "
+                   f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+                   ) from error
+
+
+def _keras_application(name: str, weights, num_classes: Optional[int]):
+  """keras.applications' model for backbone `name` (logits out when it has a top)."""
   keras = _keras()
-  if top_classes is None:
-    model = keras.applications.InceptionResNetV2(include_top=False, weights=None)
-  else:
-    model = keras.applications.InceptionResNetV2(weights=None, classes=top_classes)
-  try:
-    model.load_weights(path)
-  except Exception as e:  # pylint: disable=broad-except
-    raise InputError(f"{path}: Keras cannot load it into InceptionResNetV2: "
-                     f"{str(e).strip().splitlines()[0]}") from e
-  return _read_keras_model(model)
+  constructor = backbones.display_name(name)
+  kwargs = dict(weights=weights, include_top=num_classes is not None)
+  if num_classes is not None:
+    kwargs.update(classes=num_classes, classifier_activation=None)
+  return getattr(keras.applications, constructor)(**kwargs)
 
 
-def _read_h5(path: str) -> List[_Layer]:
+def _legacy_rescaling(f: h5py.File) -> Optional[bool]:
+  """Whether a legacy full-model file's graph (`model_config`) has EfficientNet's ImageNet Rescaling."""
+  if "model_config" not in f.attrs:
+    return None
+  config = json.loads(_text(f.attrs["model_config"]))
+  layers = config.get("config", {}).get("layers", [])
+  return efficientnet_keras.has_imagenet_rescaling(
+      [(layer.get("class_name"), layer.get("config", {}).get("scale")) for layer in layers])
+
+
+def _read_h5(path: str) -> _Read:
   """Layers of a legacy or Keras 3 HDF5 weights file."""
   if not h5py.is_hdf5(path):
     raise InputError(f"{path}: not an HDF5 file; expected Keras weights (.h5 or .weights.h5) "
                      f"or a directory written by `python -m {_MODULE}`")
   with h5py.File(path, "r") as f:
     if "model_weights" in f and "layer_names" in f["model_weights"].attrs:
-      return _read_legacy_group(f["model_weights"])
+      return _Read(_read_legacy_group(f["model_weights"]), _legacy_rescaling(f))
     if "layer_names" in f.attrs:
-      return _read_legacy_group(f)
+      return _Read(_read_legacy_group(f))
     keys = [k for k in ("layers", "_layer_checkpoint_dependencies") if k in f]
     if not keys:
       raise InputError(f"{path}: HDF5 file without Keras weights (no 'layer_names', "
                        "'model_weights' or 'layers')")
     layers = _read_keras3_group(f[keys[0]])
     if layers is not None:
-      return layers
+      return _Read(layers)
     top_classes = _keras3_top_classes(f[keys[0]])
-  return _read_keras3_via_keras(path, top_classes)
+    candidates = _keras3_candidates(f[keys[0]])
+  return _read_keras3_via_keras(path, candidates, top_classes)
 
 
-def _download_imagenet(num_classes) -> List[_Layer]:
+def _download_imagenet(source: str, num_classes) -> _Read:
+  """The official ImageNet weights of "imagenet" (InceptionResNetV2) or "imagenet:<backbone>"."""
+  name = source.partition(":")[2] or IRV2
+  if name not in backbones.BACKBONES:
+    raise InputError(f"{source!r}: the backbone after 'imagenet:' must be one of "
+                     f"{', '.join(backbones.BACKBONES)}")
   if num_classes not in (AUTO, None, 1000):
     raise InputError(f"the ImageNet top has 1000 classes, not num_classes={num_classes}")
-  keras = _keras()
   try:
-    model = keras.applications.InceptionResNetV2(weights="imagenet",
-                                                 include_top=num_classes is not None)
+    model = _keras_application(name, weights="imagenet",
+                               num_classes=None if num_classes is None else 1000)
   except Exception as e:  # pylint: disable=broad-except
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise InputError("could not get the ImageNet InceptionResNetV2 weights from Keras (no "
+    raise InputError(f"could not get the ImageNet {name} weights from Keras (no "
                      f"internet? download the .h5 elsewhere and pass its path): {reason}") from e
   return _read_keras_model(model)
 
 
 # ----------------------------------------------------------------------------------------- mapping
-@functools.lru_cache(maxsize=8)
-def expected_shapes(num_classes: Optional[int]) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
-  """{(collection, *path): shape} of `InceptionResNetV2(num_classes)`'s variables."""
-  model = irv2.InceptionResNetV2(num_classes=num_classes)
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3)), train=False))
-  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract).items()}
+def _map(read: _Read, num_classes, where: str) -> Tuple[str, Flat]:
+  """(backbone name, flat Flax variables) of the layers, by the family the layers belong to."""
+  if any(layer.name == "stem_conv" for layer in read.layers):
+    variant, flat = efficientnet_keras.map_layers(read.layers, num_classes, where,
+                                                  read.imagenet_rescaling)
+    return efficientnet_keras.name(variant), flat
+  return IRV2, irv2_keras.map_layers(read.layers, num_classes, where)
 
 
-def _creation_order(layers: List[_Layer]) -> List[_Layer]:
-  """Auto-named layers sorted by Keras' creation counter (no suffix = first)."""
-  def counter(layer):
-    suffix = _COUNTER.match(layer.name).group(2)
-    return int(suffix) if suffix else -1
-  return sorted(layers, key=counter)
+def _expected(flat: Flat, num_classes: Optional[int], where: str) -> Tuple[str, Dict]:
+  """(backbone name, {path: shape}) of the backbone that converted variables `flat` belong to."""
+  if ("params", "stem_conv", "kernel") not in flat:
+    return IRV2, irv2_keras.expected_shapes(num_classes)
+  variant = efficientnet_keras.identify(flat)
+  if variant is None:
+    stem = tuple(flat[("params", "stem_conv", "kernel")].shape)
+    raise InputError(f"{where}: variables of no EfficientNet B0-B7 (stem_conv kernel {stem}, "
+                     f"{len({k[1] for k in flat if k[1].startswith('block')})} blocks)")
+  return efficientnet_keras.name(variant), efficientnet_keras.flax_shapes(variant, num_classes)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Unit:
-  """One Keras layer's place in the Flax tree.
-
-  `key` is ("conv", i) / ("bn", i) for the i-th auto-named layer of that kind in creation order,
-  else the name Keras gives the layer (TOP stands for the one Dense layer). `targets` maps each
-  Keras weight role to its flat Flax key.
-  """
-  kind: str
-  key: Any
-  module: str
-  targets: Dict[str, Tuple[str, ...]]
-
-
-def _units(num_classes: Optional[int]) -> List[_Unit]:
-  """Every weight-carrying Keras layer of InceptionResNetV2(num_classes), in network order."""
-  units = []
-
-  def up(block):
-    units.append(_Unit("conv", f"{block}_conv", f"{block}/up", {
-        "kernel": ("params", block, "up", "kernel"), "bias": ("params", block, "up", "bias")}))
-
-  def conv_bn(key_conv, key_bn, path):
-    module = "/".join(path)
-    units.append(_Unit("conv", key_conv, module + "/conv",
-                       {"kernel": ("params",) + path + ("conv", "kernel")}))
-    units.append(_Unit("bn", key_bn, module + "/bn", {
-        "beta": ("params",) + path + ("bn", "bias"),
-        "moving_mean": ("batch_stats",) + path + ("bn", "mean"),
-        "moving_variance": ("batch_stats",) + path + ("bn", "var")}))
-
-  residual = set(irv2.residual_block_names())
-  block = None
-  for i, path in enumerate(irv2.conv_bn_paths()):
-    if block in residual and path[0] != block:
-      up(block)
-    block = path[0]
-    conv_bn(("conv", i), ("bn", i), path)
-  if block in residual:
-    up(block)
-  conv_bn(_TOP_CONV, f"{_TOP_CONV}_bn", (_TOP_CONV,))
-  if num_classes is not None:
-    units.append(_Unit("dense", TOP, TOP, {"kernel": ("params", TOP, "kernel"),
-                                           "bias": ("params", TOP, "bias")}))
-  return units
-
-
-def _map_layers(layers: List[_Layer], num_classes, where: str) -> Flat:
-  """Flat Flax variables {(collection, *path): array} from Keras layers, every shape checked."""
-  named = {f"{b}_conv" for b in irv2.residual_block_names()} | {_TOP_CONV, f"{_TOP_CONV}_bn"}
-  by_name = {layer.name: layer for layer in layers if layer.name in named}
-  auto = {kind: _creation_order([layer for layer in layers
-                                 if layer.kind == kind and layer.name not in named])
-          for kind in ("conv", "bn")}
-  dense = [layer for layer in layers if layer.kind == "dense"]
-  for layer in layers:
-    if layer.kind == "other":
-      raise InputError(f"{where}: layer '{layer.name}' with weights {layer.shapes()} is not part "
-                       "of InceptionResNetV2")
-  if len(dense) > 1:
-    raise InputError(f"{where}: {len(dense)} Dense layers "
-                     f"({', '.join(layer.name for layer in dense)}); "
-                     "InceptionResNetV2 has one, its top")
-  if num_classes == AUTO:
-    num_classes = dense[0].weights["kernel"].shape[1] if dense else None
-  elif num_classes is not None and not dense:
-    raise InputError(f"{where}: no top (Dense '{TOP}') layer, so num_classes={num_classes} cannot "
-                     "be loaded; use num_classes=None (include_top=False) for the backbone alone")
-  expected = expected_shapes(num_classes)
-  flat = {}
-  for unit in _units(num_classes):
-    if unit.key == TOP:
-      layer = dense[0]
-    elif isinstance(unit.key, tuple):
-      kind, index = unit.key
-      if index >= len(auto[kind]):
-        raise InputError(
-            f"{where}: too few layers: InceptionResNetV2 '{unit.module}' is auto-named "
-            f"{'Conv2D' if kind == 'conv' else 'BatchNormalization'} layer number {index + 1} in "
-            f"creation order, the source has {len(auto[kind])} of them")
-      layer = auto[kind][index]
-    elif unit.key in by_name:
-      layer = by_name[unit.key]
-    else:
-      raise InputError(f"{where}: layer '{unit.key}' of InceptionResNetV2 is missing")
-    if layer.kind != unit.kind or set(layer.weights) != set(unit.targets):
-      needs = {role: expected[path] for role, path in unit.targets.items()}
-      raise InputError(f"{where}: layer '{layer.name}' has weights {layer.shapes()}, "
-                       f"InceptionResNetV2 '{unit.module}' needs {needs}")
-    for role, path in unit.targets.items():
-      got, want = tuple(layer.weights[role].shape), expected[path]
-      if got != want:
-        raise InputError(
-            f"{where}: layer '{layer.name}' does not match InceptionResNetV2 '{unit.module}': "
-            f"its {role} has shape {got}, InceptionResNetV2 needs {want}")
-      flat[path] = layer.weights[role]
-  for found in auto.values():
-    if len(found) > len(irv2.conv_bn_paths()):
-      extra = found[len(irv2.conv_bn_paths())]
-      raise InputError(f"{where}: layer '{extra.name}' with weights {extra.shapes()} is not part "
-                       "of InceptionResNetV2 (too many layers)")
-  return flat
-
-
-def _check_flat(flat: Flat, num_classes, where: str) -> Flat:
-  """Checks (and trims the top of) already converted variables against the model's shapes."""
+def _check_flat(flat: Flat, num_classes, where: str) -> Tuple[str, Flat]:
+  """(backbone name, flat): checks (and trims the top of) already converted variables against the
+  shapes of the backbone they belong to."""
   has_top = ("params", TOP, "kernel") in flat
   if num_classes == AUTO:
     num_classes = flat[("params", TOP, "kernel")].shape[1] if has_top else None
@@ -329,17 +283,18 @@ def _check_flat(flat: Flat, num_classes, where: str) -> Flat:
                      "loaded; use num_classes=None (include_top=False)")
   if num_classes is None:
     flat = {k: v for k, v in flat.items() if k[1] != TOP}
-  expected = expected_shapes(num_classes)
+  name, expected = _expected(flat, num_classes, where)
+  model = backbones.display_name(name)
   for path, shape in expected.items():
     if path not in flat:
-      raise InputError(f"{where}: variable '{'/'.join(path)}' of InceptionResNetV2 is missing")
+      raise InputError(f"{where}: variable '{'/'.join(path)}' of {model} is missing")
     if tuple(flat[path].shape) != shape:
       raise InputError(f"{where}: variable '{'/'.join(path)}' has shape {tuple(flat[path].shape)}, "
-                       f"InceptionResNetV2 needs {shape}")
+                       f"{model} needs {shape}")
   for path in flat:
     if path not in expected:
-      raise InputError(f"{where}: variable '{'/'.join(path)}' is not part of InceptionResNetV2")
-  return flat
+      raise InputError(f"{where}: variable '{'/'.join(path)}' is not part of {model}")
+  return name, flat
 
 
 def _to_variables(flat: Flat) -> Variables:
@@ -349,44 +304,53 @@ def _to_variables(flat: Flat) -> Variables:
 
 # ------------------------------------------------------------------------------------------ public
 def load_keras_weights(source, num_classes: Union[int, None, str] = AUTO) -> Variables:
-  """Variables of `InceptionResNetV2(num_classes)` from Keras weights or a converted directory.
+  """Variables of the backbone the source holds (`backbones.backbone(backbone_name(variables),
+  num_classes)`), from Keras weights or a converted directory.
 
   Args:
     source: a Keras .h5 / .weights.h5 path, a live keras.Model, a directory written by
-      `save_variables`, or "imagenet" (see the module docstring).
+      `save_variables`, or "imagenet[:<backbone>]" (see the module docstring).
     num_classes: "auto" (the source's top if it has one), None (no top) or the top's class count.
 
   Returns:
-    {'params': ..., 'batch_stats': ...} of float32 arrays, for `InceptionResNetV2.apply`.
+    {'params': ..., 'batch_stats': ...} of float32 arrays, for that backbone's `apply`.
 
   Raises:
-    InputError: missing or unreadable source, or one that is not InceptionResNetV2 (the message
-      names the first mismatching layer and both shapes).
+    InputError: missing or unreadable source, or one that is none of `backbones.BACKBONES` (the
+      message names the first mismatching layer and both shapes).
   """
-  if isinstance(source, str) and source == "imagenet":
-    return _to_variables(
-        _map_layers(_download_imagenet(num_classes), num_classes, "ImageNet weights"))
+  return _to_variables(_load(source, num_classes)[1])
+
+
+def _load(source, num_classes) -> Tuple[str, Flat]:
+  if isinstance(source, str) and source.partition(":")[0] == "imagenet":
+    return _map(_download_imagenet(source, num_classes), num_classes, "ImageNet weights")
   if not isinstance(source, (str, os.PathLike)):
     keras = _keras()
     if not isinstance(source, keras.Model):
       raise InputError(f"weights source must be a path, 'imagenet' or a keras.Model, got "
                        f"{type(source).__name__}")
-    return _to_variables(
-        _map_layers(_read_keras_model(source), num_classes, f"Keras model '{source.name}'"))
+    return _map(_read_keras_model(source), num_classes, f"Keras model '{source.name}'")
   path = os.path.abspath(os.path.expanduser(os.fspath(source)))
   if not os.path.exists(path):
     raise InputError(f"weights file not found: {path}")
   if os.path.isdir(path):
-    return _to_variables(_check_flat(_restore(path), num_classes, path))
-  return _to_variables(_map_layers(_read_h5(path), num_classes, path))
+    return _check_flat(_restore(path), num_classes, path)
+  return _map(_read_h5(path), num_classes, path)
+
+
+def backbone_name(variables: Variables) -> str:
+  """Which of `backbones.BACKBONES` converted `variables` belong to (InputError if none)."""
+  flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(variables).items()}
+  return _check_flat(flat, AUTO, "variables")[0]
 
 
 def init_backbone_variables(source, include_top: bool) -> Variables:
   """Backbone variables from `source` (Keras file, model, cache directory or "imagenet").
 
-  include_top=False gives the `InceptionResNetV2(num_classes=None)` variables that
-  `classifier.with_pretrained_backbone` puts into a MelanomaClassifier; True keeps the source's top
-  and requires one.
+  include_top=False gives the `backbone(name, num_classes=None)` variables (for InceptionResNetV2, those
+  that `classifier.with_pretrained_backbone` puts into a MelanomaClassifier); True keeps the source's
+  top and requires one.
   """
   variables = load_keras_weights(source, num_classes=AUTO if include_top else None)
   if include_top and TOP not in variables["params"]:
@@ -419,9 +383,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """CLI: convert Keras weights once and cache them as an orbax checkpoint."""
   parser = argparse.ArgumentParser(
       prog=f"python -m {_MODULE}",
-      description="Convert Keras InceptionResNetV2 weights (.h5 / .weights.h5 / 'imagenet') to "
-      "Flax variables saved with orbax; load them with load_keras_weights(DIR).")
-  parser.add_argument("--source", required=True, help="Keras weights file or 'imagenet'")
+      description="Convert Keras InceptionResNetV2 or EfficientNet B0-B7 weights (.h5 / .weights.h5 / "
+      "'imagenet[:<backbone>]') to Flax variables saved with orbax; load them with "
+      "load_keras_weights(DIR).")
+  parser.add_argument("--source", required=True,
+                      help="Keras weights file, 'imagenet' (InceptionResNetV2) or 'imagenet:<backbone>' "
+                      f"({', '.join(backbones.BACKBONES)})")
   parser.add_argument("--out", required=True, help="output directory (must not exist)")
   parser.add_argument("--no-top", action="store_true", help="drop the classification top")
   parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -430,7 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = os.path.abspath(os.path.expanduser(args.out))
     if os.path.exists(out) and not args.force:
       raise InputError(f"{out} already exists; pass --force to overwrite it")
-    variables = load_keras_weights(args.source, num_classes=None if args.no_top else AUTO)
+    name, flat = _load(args.source, num_classes=None if args.no_top else AUTO)
+    variables = _to_variables(flat)
     save_variables(variables, out, force=args.force)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -438,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   count = sum(np.size(a) for a in jax.tree.leaves(variables))
   top = variables["params"].get(TOP)
   top_text = f"top of {top['kernel'].shape[1]} classes" if top else "no top"
-  print(f"wrote {count} values ({top_text}) to {out}")
+  print(f"wrote {count} values ({top_text}) of {name} to {out}")
   return 0
 
 
