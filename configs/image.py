@@ -44,9 +44,13 @@ def get_config():
   config.augment.saturation = 0.1
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "inception_resnet_v2"  # "tiny": a few-layer CNN for smoke runs of the machinery.
-  # A Keras .h5 / .weights.h5 file of InceptionResNetV2 (no top or full) or a converted directory
-  # (python -m melanoma_jax.models.keras_weights); "" = random init.
+  # The backbone: "inception_resnet_v2" (the seed's), "efficientnet_b0" ... "efficientnet_b7" (what the
+  # winning SIIM-ISIC 2020 solutions ensembled; native sizes 224, 240, 260, 300, 380, 456, 528, 600), or
+  # "tiny": a few-layer CNN for smoke runs of the machinery. Every backbone takes the same [-1, 1] images.
+  config.model.name = "inception_resnet_v2"
+  # A Keras .h5 / .weights.h5 file of the backbone (no top or full), a converted directory
+  # (python -m melanoma_jax.models.keras_weights), or "imagenet" (Keras' official weights of model.name,
+  # downloaded; needs internet or Keras' file cache); "" = random init.
   config.model.init_weights = ""
   config.model.head_sizes = (512, 256, 64, 16)
   config.model.dropout_rate = 0.1

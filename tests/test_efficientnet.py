@@ -441,3 +441,21 @@ def test_top_dropout_in_training_only_and_bfloat16(files):
   assert got.dtype == jnp.float32 and rel_diff(got, want) < 0.1
   shapes = jax.eval_shape(lambda: half.init(jax.random.PRNGKey(0), x, train=False))
   assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------------- the melanoma classifier
+def test_classifier_takes_the_projects_model_input_whatever_the_backbone(files, keras_models, images):
+  """`build_model("efficientnet_b0")` is the classifier on that backbone: fed the project's [-1, 1] model
+  input of an image, its embedding equals Keras' EfficientNetB0 on the same image's 0-255 pixels (the
+  conversion lives with the backbone), and a pretrained backbone goes in through the same path as
+  InceptionResNetV2's."""
+  from melanoma_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.build_model("efficientnet_b0", head_sizes=(8,), dropout_rate=0.0)
+  backbone_variables = load_keras_weights(files["b0"]["notop"], num_classes=None)
+  variables = models.init_with_pretrained_backbone(model, jax.random.PRNGKey(0), backbone_variables)
+  model_input = images / 127.5 - 1.0  # What the data pipeline, predict and the SavedModel make.
+  logits, state = model.apply(variables, model_input, train=False, mutable=["intermediates"])
+  embedding = np.asarray(state["intermediates"]["embedding"][0])
+  assert logits.shape == (2,) and np.all(np.isfinite(logits))
+  assert rel_diff(embedding, np.asarray(keras_models["b0"][1](images, training=False))) <= RTOL
+  assert models.min_image_size("efficientnet_b0") == efficientnet.MIN_IMAGE_SIZE

@@ -164,7 +164,9 @@ def test_predict_mode_with_tta(uninterrupted, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"image_size": 74}, "config.image_size=74: InceptionResNetV2 needs at least 75x75"),
+    ({"image_size": 74}, "config.image_size=74: inception_resnet_v2 needs at least 75x75"),
+    ({"image_size": 31, "model.name": "efficientnet_b3"}, "config.image_size=31: efficientnet_b3 needs at least 32x32"),
+    ({"model.name": "resnet50"}, "config.model.name='resnet50' must be one of inception_resnet_v2, efficientnet_b0,"),
     ({"global_batch_size": 12}, "config.global_batch_size=12 is not divisible by the 8 local devices"),
     ({"fold": 5}, "config.fold=5 must be in [0, config.num_folds=5)"),
     ({"per_device_batch_size": 0}, "config.per_device_batch_size=0 must be >= 1"),
@@ -233,6 +235,42 @@ def test_inception_resnet_v2_trains_through_main(data_dir, tmp_path):
   assert results["steps"] == 2 and results["devices"] == 8 and results["global_batch"] == 8
   assert np.isfinite(results["val_auc"])
   assert len(pd.read_csv(workdir / "submission.csv")) == len(pd.read_csv(os.path.join(data_dir, "test.csv")))
+
+
+def test_efficientnet_b0_trains_through_main_and_resumes_after_a_kill(data_dir, tmp_path):
+  """An EfficientNet backbone through the same paths: its Keras weights file as init, a kill after the
+  first epoch's checkpoint, a resumed run to the end; weights of another backbone refused in one line."""
+  from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
+  tf()
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  weights = str(tmp_path / "b0_notop.weights.h5")
+  keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(64, 64, 3)).save_weights(weights)
+  run = ["--config.model.name=efficientnet_b0", "--config.image_size=64", "--config.num_epochs=2",
+         "--config.per_device_batch_size=1", "--config.max_steps_per_epoch=2", f"--config.model.init_weights={weights}",
+         "--config.freeze_backbone_epochs=0"]
+  workdir = tmp_path / "b0"
+  proc = _main(workdir, data_dir, *run, wait=False)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.time() + 500
+  while time.time() < deadline and proc.poll() is None:
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, proc.stderr.read()[-3000:]
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "results.json").exists()
+  resumed = _main(workdir, data_dir, *run)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["epochs"] == 2 and results["steps"] == 4 and np.isfinite(results["val_auc"])
+  assert json.loads((workdir / "run.json").read_text())["model.name"] == "efficientnet_b0"
+  other = _main(tmp_path / "b1", data_dir, *run, "--config.model.name=efficientnet_b1")
+  assert other.returncode == 1
+  assert other.stderr.strip().splitlines()[-1] == (
+      f"error: {weights}: holds efficientnet_b0 weights, config.model.name is efficientnet_b1")
 
 
 def test_data_mode_leaves_a_trained_runs_results_alone(uninterrupted, data_dir):

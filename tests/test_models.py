@@ -502,7 +502,9 @@ def test_factory_builds_each_model_with_its_arguments(kernels):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"name": "resnet50"}, "model='resnet50' must be one of inception_resnet_v2, tiny, mlp"),
+    ({"name": "resnet50"}, "model='resnet50' must be one of inception_resnet_v2, efficientnet_b0, "
+                              "efficientnet_b1, efficientnet_b2, efficientnet_b3, efficientnet_b4, efficientnet_b5, "
+                              "efficientnet_b6, efficientnet_b7, tiny, mlp"),
     ({"dtype": "float16"}, "dtype='float16' must be one of float32, bfloat16"),
     ({"kernels": "im2col"}, "kernels='im2col' must be one of auto, cpu, xla"),
     ({"name": "tiny", "head_sizes": (8,)}, "model 'tiny' has no argument(s) head_sizes (it takes dtype, "

@@ -74,9 +74,12 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
   """
   num_devices = num_devices or jax.device_count()
   process_index, process_count = processes or (jax.process_index(), jax.process_count())
-  _check(int(config.image_size) >= models.MIN_IMAGE_SIZE,
-         f"config.image_size={config.image_size}: InceptionResNetV2 needs at least "
-         f"{models.MIN_IMAGE_SIZE}x{models.MIN_IMAGE_SIZE} pixels")
+  name = config.model.name
+  _check(name in models.CLASSIFIERS or name == "tiny",
+         f"config.model.name={name!r} must be one of {', '.join(models.CLASSIFIERS)} or 'tiny'")
+  smallest = models.min_image_size(name) if name in models.CLASSIFIERS else models.MIN_IMAGE_SIZE
+  _check(int(config.image_size) >= smallest,
+         f"config.image_size={config.image_size}: {name} needs at least {smallest}x{smallest} pixels")
   global_batch = steps.global_batch_size(config.global_batch_size, config.per_device_batch_size, num_devices,
                                          process_count)
   _check(int(config.num_epochs) >= 1, f"config.num_epochs={config.num_epochs} must be >= 1")
@@ -95,13 +98,10 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
   augment = None
   if config.augment.enabled:
     augment = pipeline_lib.Augment(**{k: v for k, v in config.augment.items() if k != "enabled"})
-  name = config.model.name
   model_kwargs = {"dtype": config.model.dtype, "dropout_rate": float(config.model.dropout_rate),
                   "kernels": config.model.kernels}
-  if name == "inception_resnet_v2":
+  if name in models.CLASSIFIERS:
     model_kwargs.update(head_sizes=tuple(config.model.head_sizes), remat=bool(config.model.remat))
-  elif name != "tiny":
-    raise InputError(f"config.model.name={name!r} must be 'inception_resnet_v2' or 'tiny'")
   return ImageRun(
       data_dir=config.data_dir, image_size=int(config.image_size), num_devices=num_devices,
       global_batch=global_batch, process_index=process_index, process_count=process_count,

@@ -28,6 +28,7 @@ from melanoma_jax.training import loop, reporting, steps
 from melanoma_jax.training import state as state_lib
 from melanoma_jax.utils import files
 from melanoma_jax.training.results import write_results
+from melanoma_jax.utils.errors import InputError
 
 # Which training images each process read, per epoch, at DEBUG level (off unless a handler enables it).
 READS = py_logging.getLogger("melanoma_jax.image.reads")
@@ -40,7 +41,13 @@ def initial_state(run, model, tx, rng):
     return state_lib.create_train_state(model, tx, rng, sample)
   from melanoma_jax.models import init_with_pretrained_backbone  # pylint: disable=g-import-not-at-top
   from melanoma_jax.models import keras_weights  # pylint: disable=g-import-not-at-top
-  backbone = keras_weights.init_backbone_variables(run.init_weights, include_top=False)
+  source = run.init_weights
+  if source == "imagenet":  # The official weights of the run's own backbone.
+    source = f"imagenet:{run.model_name}"
+  backbone = keras_weights.init_backbone_variables(source, include_top=False)
+  found = keras_weights.backbone_name(backbone)
+  if found != run.model_name:
+    raise InputError(f"{run.init_weights}: holds {found} weights, config.model.name is {run.model_name}")
   variables = init_with_pretrained_backbone(model, jax.random.fold_in(rng, 1), backbone)
   logging.info("backbone initialised from %s", run.init_weights)
   return state_lib.create_train_state(model, tx, rng, None, variables=variables)

@@ -7,11 +7,13 @@ importing this package never loads TensorFlow or orbax).
 """
 from melanoma_jax.models.backbones import backbone
 from melanoma_jax.models.backbones import BACKBONES
+from melanoma_jax.models.backbones import min_image_size
 from melanoma_jax.models.classifier import Head
 from melanoma_jax.models.classifier import init_with_pretrained_backbone
 from melanoma_jax.models.classifier import MelanomaClassifier
 from melanoma_jax.models.classifier import with_pretrained_backbone
 from melanoma_jax.models.factory import build_model
+from melanoma_jax.models.factory import CLASSIFIERS
 from melanoma_jax.models.factory import DTYPES
 from melanoma_jax.models.factory import MODELS
 from melanoma_jax.models.efficientnet import EfficientNet
@@ -22,6 +24,7 @@ from melanoma_jax.models.kernels import KERNELS
 
 __all__ = [
     "BACKBONES",
+    "CLASSIFIERS",
     "DTYPES",
     "EfficientNet",
     "Head",
@@ -34,5 +37,6 @@ __all__ = [
     "backbone",
     "build_model",
     "init_with_pretrained_backbone",
+    "min_image_size",
     "with_pretrained_backbone",
 ]

@@ -1,8 +1,12 @@
-"""The melanoma classifier: InceptionResNetV2 features + the seed's dense head, one logit per image.
+"""The melanoma classifier: a backbone's pooled features + the seed's dense head, one logit per image.
 
-Variables: params {'backbone': <InceptionResNetV2(num_classes=None) params>, 'head': {dense_0..,
-logit}}, batch_stats {'backbone': ...}; pretrained backbones go in with `with_pretrained_backbone`
-or, skipping the slow random init of the backbone, `init_with_pretrained_backbone`.
+The backbone is InceptionResNetV2 (the seed's) or an EfficientNet B0-B7 (`backbones.BACKBONES`). Its input
+is the project's model input, NHWC in [-1, 1], whichever backbone: `backbones.from_model_input` turns it
+into the backbone's own convention inside the model.
+
+Variables: params {'backbone': <backbone(name, num_classes=None) params>, 'head': {dense_0.., logit}},
+batch_stats {'backbone': ...}; pretrained backbones go in with `with_pretrained_backbone` or, skipping
+the slow random init of the backbone, `init_with_pretrained_backbone`.
 """
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -11,10 +15,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
-from melanoma_jax.models.inception_resnet_v2 import FEATURES
-from melanoma_jax.models.inception_resnet_v2 import InceptionResNetV2
+from melanoma_jax.models import backbones
 from melanoma_jax.models.inception_resnet_v2 import KERNEL_INIT
-from melanoma_jax.models.inception_resnet_v2 import MIN_IMAGE_SIZE
 from melanoma_jax.models.kernels import Kernels
 from melanoma_jax.utils.errors import InputError
 
@@ -39,9 +41,10 @@ class Head(nn.Module):
 
 
 class MelanomaClassifier(nn.Module):
-  """InceptionResNetV2 without top, global average pooled, then `Head`.
+  """A backbone without top, global average pooled, then `Head`.
 
   Attributes:
+    backbone_name: one of `backbones.BACKBONES` (its submodule is named "backbone" whichever it is).
     head_sizes: widths of the hidden Dense layers of the head.
     dropout_rate: dropout after each hidden Dense layer (rng collection 'dropout').
     dtype: compute dtype; parameters stay float32 and logits are float32.
@@ -55,6 +58,7 @@ class MelanomaClassifier(nn.Module):
   remat: bool = False
   bn_axis_name: Optional[str] = None
   kernels: Union[str, Kernels] = "auto"
+  backbone_name: str = backbones.INCEPTION_RESNET_V2
 
   @nn.compact
   def __call__(self, x, train: bool, train_backbone: bool = True):
@@ -64,9 +68,9 @@ class MelanomaClassifier(nn.Module):
     `train` is, and no gradient flows into the backbone (stop_gradient on its features); the head still
     trains (dropout included) with `train`.
     """
-    backbone = InceptionResNetV2(num_classes=None, dtype=self.dtype, remat=self.remat,
-                                 bn_axis_name=self.bn_axis_name, kernels=self.kernels, name="backbone")
-    features = backbone(x, train=train and train_backbone)
+    backbone = backbones.backbone(self.backbone_name, None, dtype=self.dtype, remat=self.remat,
+                                  bn_axis_name=self.bn_axis_name, kernels=self.kernels, name="backbone")
+    features = backbone(backbones.from_model_input(self.backbone_name, x), train=train and train_backbone)
     if not train_backbone:
       features = jax.lax.stop_gradient(features)
     # The pooled backbone features, e.g. for the ensemble's patient context (`mutable=["intermediates"]`).
@@ -96,7 +100,7 @@ def with_pretrained_backbone(variables: Variables, backbone_variables: Variables
 
   Args:
     variables: MelanomaClassifier variables (or their jax.eval_shape).
-    backbone_variables: InceptionResNetV2(num_classes=None) variables, e.g. from
+    backbone_variables: `backbones.backbone(model's backbone_name, num_classes=None)` variables, e.g. from
       keras_weights.init_backbone_variables(source, include_top=False); a top is ignored.
 
   Raises:
@@ -120,11 +124,11 @@ def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
   random draw, without drawing (and compiling the draws of) 54M random backbone weights, which
   takes about a minute on a CPU.
   """
+  size = backbones.min_image_size(model.backbone_name)
   abstract = jax.eval_shape(
-      lambda: model.init({"params": rng, "dropout": rng}, jnp.zeros((1, MIN_IMAGE_SIZE, MIN_IMAGE_SIZE, 3)),
-                         train=False))
+      lambda: model.init({"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3)), train=False))
   head = Head(tuple(model.head_sizes), model.dropout_rate, model.dtype).init(
-      {"params": rng}, jnp.zeros((1, FEATURES), jnp.float32), train=False)
+      {"params": rng}, jnp.zeros((1, backbones.features(model.backbone_name)), jnp.float32), train=False)
   params = dict(abstract["params"])
   params["head"] = _replace_tree(abstract["params"]["head"], head["params"], "params/head")
   return with_pretrained_backbone({**abstract, "params": params}, backbone_variables)
@@ -132,8 +136,10 @@ def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
 
 def build(*, dtype: Any = jnp.float32, head_sizes: Sequence[int] = (512, 256, 64, 16), dropout_rate: float = 0.1,
           remat: bool = False, bn_axis_name: Optional[str] = None,
-          kernels: Union[str, Kernels] = "auto") -> MelanomaClassifier:
-  """The melanoma classifier (InceptionResNetV2 + `Head`) from plain values (`models.build_model`'s
-  "inception_resnet_v2")."""
+          kernels: Union[str, Kernels] = "auto",
+          backbone_name: str = backbones.INCEPTION_RESNET_V2) -> MelanomaClassifier:
+  """The melanoma classifier (backbone `backbone_name` + `Head`) from plain values (`models.build_model`'s
+  "inception_resnet_v2" and "efficientnet_b0" ... "efficientnet_b7")."""
   return MelanomaClassifier(head_sizes=tuple(head_sizes), dropout_rate=float(dropout_rate), dtype=dtype,
-                            remat=bool(remat), bn_axis_name=bn_axis_name, kernels=kernels)
+                            remat=bool(remat), bn_axis_name=bn_axis_name, kernels=kernels,
+                            backbone_name=backbone_name)

@@ -4,18 +4,22 @@ benchmarks and the tests all get the same model for the same arguments.
 Each model module exposes its Flax module and a `build(**arguments)` of its own arguments (as big_vision's
 model modules do); `build_model` passes a model exactly the arguments it names and refuses any other.
 """
+import functools
 import inspect
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from melanoma_jax.models import classifier, mlp, tiny
+from melanoma_jax.models import backbones, classifier, mlp, tiny
 from melanoma_jax.models import kernels as kernels_lib
 from melanoma_jax.utils.errors import InputError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BUILDERS = {"inception_resnet_v2": classifier.build, "tiny": tiny.build, "mlp": mlp.build}
+# The classifier of every backbone under the backbone's name (its `backbone_name` bound, not an argument).
+BUILDERS = {**{name: functools.partial(classifier.build, backbone_name=name) for name in backbones.BACKBONES},
+            "tiny": tiny.build, "mlp": mlp.build}
 MODELS = tuple(BUILDERS)
+CLASSIFIERS = backbones.BACKBONES  # The models built as a MelanomaClassifier.
 
 
 def _check(field: str, value, allowed) -> None:
@@ -26,15 +30,16 @@ def _check(field: str, value, allowed) -> None:
 def arguments(name: str):
   """The argument names the model called `name` is built with."""
   _check("model", name, MODELS)
-  return tuple(inspect.signature(BUILDERS[name]).parameters)
+  bound = getattr(BUILDERS[name], "keywords", {})
+  return tuple(p for p in inspect.signature(BUILDERS[name]).parameters if p not in bound)
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
   """The model called `name`, one of MODELS, built with `kwargs` (each one of `arguments(name)`):
 
-  * "inception_resnet_v2": `MelanomaClassifier` (InceptionResNetV2 + the head of `head_sizes`), images of
-    at least `inception_resnet_v2.MIN_IMAGE_SIZE` pixels a side: dtype, head_sizes, dropout_rate, remat,
-    bn_axis_name, kernels;
+  * "inception_resnet_v2" and "efficientnet_b0" ... "efficientnet_b7": `MelanomaClassifier` (that backbone
+    + the head of `head_sizes`), images of at least `backbones.min_image_size(name)` pixels a side: dtype,
+    head_sizes, dropout_rate, remat, bn_axis_name, kernels;
   * "tiny": `TinyClassifier`: dtype, dropout_rate, bn_axis_name, kernels;
   * "mlp": the tabular `MLP`: hidden_sizes, dropout_rate.
 
