@@ -52,12 +52,12 @@ def filled_variables(model, size, seed=0):
   return jax.tree_util.tree_map_with_path(fill, abstract_variables(model, size))
 
 
-def classifier(dtype="float32", kernels="auto", remat=False):
-  """The MelanomaClassifier training builds (`build_model`), BatchNorm synchronised over the pmap axis."""
+def classifier(dtype="float32", kernels="auto", remat=False, model="inception_resnet_v2"):
+  """The MelanomaClassifier training builds (`build_model(model)`), BatchNorm synchronised over the pmap
+  axis."""
   from melanoma_jax.models import build_model  # pylint: disable=g-import-not-at-top
   from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
-  return build_model("inception_resnet_v2", dtype=dtype, remat=remat, kernels=kernels,
-                     bn_axis_name=steps.AXIS)
+  return build_model(model, dtype=dtype, remat=remat, kernels=kernels, bn_axis_name=steps.AXIS)
 
 
 def pmapped_train_step(model, donate=True):
@@ -146,11 +146,11 @@ def jaxpr_flops(jaxpr) -> float:
   return total
 
 
-def step_flops(size, global_batch, dtype, kernels, remat):
+def step_flops(size, global_batch, dtype, kernels, remat, model="inception_resnet_v2"):
   """FLOPs of one training step (all devices): its matrix products and convolutions, from its jaxpr."""
   from melanoma_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  model = classifier(dtype, kernels, remat)
+  model = classifier(dtype, kernels, remat, model)
   state = jax.eval_shape(lambda v: state_lib.create_train_state(model, optax.adam(1e-4), jax.random.PRNGKey(0),
                                                                 None, variables=v),
                          abstract_variables(model, size))

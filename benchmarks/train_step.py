@@ -1,9 +1,10 @@
 """Images/s of one training step: our pmapped MelanomaClassifier step against the Keras 3 model it replaces.
 
-Ours: forward, backward and Adam update of `MelanomaClassifier` (InceptionResNetV2 + the 512-256-64-16
-head), `steps.p_train(steps.make_train_step(...))` over all local devices. Keras: the same network
-(`keras.applications.InceptionResNetV2(include_top=False, weights=None, pooling='avg')` + Dense
-512-256-64-16 ReLU + Dropout 0.1 + Dense(1)), Adam, `model.train_on_batch`, on the TensorFlow backend
+Ours: forward, backward and Adam update of `MelanomaClassifier` (`--model`: InceptionResNetV2 or an
+EfficientNet B0-B7, + the 512-256-64-16 head), `steps.p_train(steps.make_train_step(...))` over all local
+devices. Keras: the same network (`keras.applications.<Backbone>(include_top=False, weights=None,
+pooling='avg')` + Dense 512-256-64-16 ReLU + Dropout 0.1 + Dense(1)), Adam, `model.train_on_batch`, on the
+TensorFlow backend
 without and with XLA (`jit_compile`) and on the JAX backend. Each Keras backend runs in its own
 subprocess (the backend is fixed per process); after both sides have compiled, ours and Keras take
 turns (`--rounds` x `--steps` steps each), so both see the same machine load. The first step of each
@@ -11,6 +12,7 @@ side (compilation) is reported apart from the steady state.
 
   .venv/bin/python benchmarks/train_step.py                       # 299x299, global batch 8, float32
   .venv/bin/python benchmarks/train_step.py --size 512 --dtype bfloat16 --keras tf --out r.json
+  .venv/bin/python benchmarks/train_step.py --model efficientnet_b3 --size 300
 
 The last line printed is one JSON object (images/s; ratio = ours / Keras, > 1 means ours is faster).
 """
@@ -24,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from melanoma_jax.models import DTYPES, KERNELS  # pylint: disable=g-import-not-at-top,wrong-import-position
+from melanoma_jax.models import CLASSIFIERS, DTYPES, KERNELS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 KERAS_BACKENDS = {  # name: (KERAS_BACKEND, jit_compile)
     "tf": ("tensorflow", False),
@@ -35,6 +37,7 @@ KERAS_BACKENDS = {  # name: (KERAS_BACKEND, jit_compile)
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--model", choices=CLASSIFIERS, default="inception_resnet_v2", help="the backbone")
   parser.add_argument("--size", type=int, default=299)
   parser.add_argument("--global_batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=2, help="steps per side and round")
@@ -63,7 +66,7 @@ class OursBench:
   def __init__(self, args):
     from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
     devices = common.jax.local_device_count()
-    model = common.classifier(args.dtype, args.kernels, args.remat)
+    model = common.classifier(args.dtype, args.kernels, args.remat, args.model)
     self.state = common.train_state(model, args.size, args.global_batch)
     # Host arrays, as Keras gets them: the host-to-device copy is part of every step.
     self.batch = common.train_batch(args.global_batch, args.size)
@@ -99,20 +102,21 @@ class OursBench:
 def flops_per_image(ours, args):
   """GFLOPs per image of the step: its convolutions and matrix products (jaxpr; remat's recomputation
   included when on) and XLA's cost analysis of the compiled step (which counts a loop body once)."""
-  model = common.step_flops(args.size, args.global_batch, args.dtype, args.kernels, args.remat)
+  model = common.step_flops(args.size, args.global_batch, args.dtype, args.kernels, args.remat, args.model)
   xla = ours.flops_per_step
   return {"gflops_per_image": round(model / args.global_batch / 1e9, 2),
           "xla_gflops_per_image": round(xla / args.global_batch / 1e9, 2) if xla else None}
 
 
 # ------------------------------------------------------------------------------------------- Keras
-def keras_model(size, dtype):
-  """InceptionResNetV2 (no top, average pooled) + the seed's head, one logit."""
+def keras_model(size, dtype, model="inception_resnet_v2"):
+  """The Keras application of backbone `model` (no top, average pooled) + the seed's head, one logit."""
   import keras  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.models import backbones  # pylint: disable=g-import-not-at-top
   if dtype == "bfloat16":
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  base = keras.applications.InceptionResNetV2(include_top=False, weights=None,
-                                              input_shape=(size, size, 3), pooling="avg")
+  base = getattr(keras.applications, backbones.display_name(model))(
+      include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
   x = base.output
   for units in (512, 256, 64, 16):
     x = keras.layers.Dense(units, activation="relu")(x)
@@ -126,7 +130,7 @@ def keras_worker(args):
   import keras  # pylint: disable=g-import-not-at-top
   np = common.np
   _, jit_compile = KERAS_BACKENDS[args.keras_worker]
-  model = keras_model(args.size, args.dtype)
+  model = keras_model(args.size, args.dtype, args.model)
   model.compile(optimizer=keras.optimizers.Adam(1e-4),
                 loss=keras.losses.BinaryCrossentropy(from_logits=True), jit_compile=jit_compile)
   x = common.random_images(args.global_batch, args.size)
@@ -157,7 +161,7 @@ class KerasProcess:
     if backend == "jax":
       env.setdefault("JAX_PLATFORMS", "cpu")  # tensorflow-cpu has no GPU either: same device.
     cmd = [sys.executable, os.path.abspath(__file__), "--keras_worker", name, "--size",
-           str(args.size), "--global_batch", str(args.global_batch), "--dtype", args.dtype]
+           str(args.size), "--global_batch", str(args.global_batch), "--dtype", args.dtype, "--model", args.model]
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env=env)
     self.first = self._read()
@@ -202,7 +206,7 @@ def main(argv=None):
   unknown = set(names) - set(KERAS_BACKENDS)
   if unknown:
     raise SystemExit(f"unknown Keras backend(s) {sorted(unknown)}; choose from {sorted(KERAS_BACKENDS)}")
-  result = {"name": "train_step", "size": args.size, "global_batch": args.global_batch,
+  result = {"name": "train_step", "model": args.model, "size": args.size, "global_batch": args.global_batch,
             "dtype": args.dtype, "remat": args.remat, "malloc": args.malloc,
             "machine": common.machine(),
             "load_avg_start": load()}

@@ -106,3 +106,29 @@ def test_kernels_choice_follows_the_backend_unless_named():
   assert kernels_lib.resolve(one_off) is one_off and len({CPU, XLA, one_off}) == 3  # Hashable.
   with pytest.raises(InputError, match="kernels='cudnn' must be one of auto, cpu, xla"):
     kernels_lib.resolve("cudnn")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 9, 9, 5), 3, 1, "SAME"), ((2, 10, 7, 4), 5, 1, "SAME"), ((2, 11, 11, 3), 3, 2, "VALID"),
+    ((2, 12, 9, 6), 5, 2, "VALID"), ((2, 8, 8, 3), 3, 2, "SAME"), ((1, 7, 7, 2), 1, 1, "VALID")])
+def test_depthwise_shifts_match_the_grouped_convolution(shape, kernel, stride, padding, dtype):
+  """`DepthwiseConv` with and without `depthwise_shifts`: nn.Conv's variables, and its values, input gradient
+  and kernel gradient, at odd sizes, both strides and paddings (float32 to 1e-5; bfloat16 to its rounding)."""
+  from melanoma_jax.models import depthwise  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  reference = nn.Conv(shape[-1], (kernel, kernel), strides=stride, padding=padding, use_bias=False,
+                      feature_group_count=shape[-1], dtype=dtype)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  results = {}
+  for name, kernels in (("xla", XLA), ("shifts", dataclasses.replace(XLA, depthwise_shifts=True))):
+    module = depthwise.DepthwiseConv((kernel, kernel), strides=stride, padding=padding, kernels=kernels,
+                                     dtype=dtype)
+    assert jax.tree.map(jnp.shape, module.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, variables)
+    results[name] = _loss_and_grads(module, variables, x)
+  y_ref, (dp_ref, dx_ref) = _loss_and_grads(reference, variables, x)
+  tolerance = 1e-5 if dtype == "float32" else 3e-2
+  for y, (dp, dx) in results.values():
+    for got, want in ((y, y_ref), (dx, dx_ref), (dp["kernel"], dp_ref["kernel"])):
+      got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+      assert got.shape == want.shape and np.abs(got - want).max() <= tolerance * max(np.abs(want).max(), 1.0)

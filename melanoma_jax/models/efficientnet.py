@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from melanoma_jax.models.conv import PointwiseConv, SpatialConv
+from melanoma_jax.models.depthwise import DepthwiseConv
 from melanoma_jax.models.inception_resnet_v2 import feature_map_hooks
 from melanoma_jax.models.kernels import Kernels, resolve
 from melanoma_jax.utils.errors import InputError
@@ -177,10 +178,8 @@ class MBConv(nn.Module):
       x = nn.swish(_batch_norm(self, train, "expand_bn")(x))
     if s.strides == 2:
       x = jnp.pad(x, ((0, 0),) + correct_pad(x.shape[1:3], s.kernel) + ((0, 0),))
-    x = nn.Conv(s.filters, (s.kernel, s.kernel), strides=(s.strides, s.strides),
-                padding="VALID" if s.strides == 2 else "SAME", feature_group_count=s.filters,
-                use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype, param_dtype=jnp.float32,
-                name="dwconv")(x)
+    x = DepthwiseConv((s.kernel, s.kernel), strides=s.strides, padding="VALID" if s.strides == 2 else "SAME",
+                      kernels=kernels, kernel_init=CONV_INIT, dtype=self.dtype, name="dwconv")(x)
     x = nn.swish(_batch_norm(self, train, "bn")(x))
     if 0 < s.se_ratio <= 1:
       se = jnp.mean(x, axis=(1, 2), keepdims=True)

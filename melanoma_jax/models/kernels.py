@@ -29,16 +29,21 @@ class Kernels:
       channels few, as in the stem.
     pool_grad: max pooling's gradient in one elementwise pass (`pooling.one_pass_max_pool`).
     materialise: each residual block's output computed once (`inception_resnet_v2.materialise`).
+    depthwise_shifts: depthwise convolutions (EfficientNet's) as sums of shifted views, with a gradient of
+      the same form (`depthwise.depthwise`).
   """
   pointwise_dot: bool
   pointwise_grad: bool
   im2col_grad: bool
   pool_grad: bool
   materialise: bool
+  depthwise_shifts: bool
 
 
-CPU = Kernels(pointwise_dot=True, pointwise_grad=True, im2col_grad=True, pool_grad=True, materialise=True)
-XLA = Kernels(pointwise_dot=False, pointwise_grad=False, im2col_grad=False, pool_grad=False, materialise=False)
+CPU = Kernels(pointwise_dot=True, pointwise_grad=True, im2col_grad=True, pool_grad=True, materialise=True,
+              depthwise_shifts=True)
+XLA = Kernels(pointwise_dot=False, pointwise_grad=False, im2col_grad=False, pool_grad=False, materialise=False,
+              depthwise_shifts=False)
 
 
 def check(choice: Union[str, Kernels]) -> None:
