@@ -132,13 +132,13 @@ def run_images(trained, side, limit=None):
   return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
-def export(trained, out_dir, info, quantize="none", force=False):
+def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MAX_AUC_DROP):
   """Writes the ONNX export of `trained` (an `image.TrainedModel`) to `out_dir` and returns it.
 
   `out_dir` must be new, empty or an earlier ONNX export (`outputs.check_folder`); everything is written to a
   temporary sibling, checked, then installed (`outputs.install`). `info`: JSON-able facts recorded in MARKER.
   Refusals (InputError, one line): a model with no Keras twin, ONNX Runtime off the JAX path by more than
-  TOLERANCE, an int8 model losing more than MAX_AUC_DROP of validation AUC (unless `force`).
+  TOLERANCE, an int8 model losing more than `max_auc_drop` of validation AUC (unless `force`).
   """
   import onnx  # pylint: disable=g-import-not-at-top
   import onnxruntime  # pylint: disable=g-import-not-at-top
@@ -169,7 +169,7 @@ def export(trained, out_dir, info, quantize="none", force=False):
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
     if quantize == "int8":
       record["int8"] = _int8(trained, sess, fp32, os.path.join(tmp, INT8_MODEL), val_x, val_y, force, out_dir,
-                             evaluation.roc_auc)
+                             evaluation.roc_auc, max_auc_drop)
     del sess
     outputs.claim(tmp, MARKER, record, outputs.tree(tmp))
     outputs.install(tmp, out_dir, MARKER, "--out")
@@ -183,8 +183,8 @@ def export(trained, out_dir, info, quantize="none", force=False):
   return out_dir
 
 
-def _int8(trained, sess, fp32, int8_path, val_x, val_y, force, out_dir, roc_auc):
-  """Quantizes, measures both validation AUCs and refuses a drop over MAX_AUC_DROP unless `force`."""
+def _int8(trained, sess, fp32, int8_path, val_x, val_y, force, out_dir, roc_auc, max_auc_drop):
+  """Quantizes, measures both validation AUCs and refuses a drop over `max_auc_drop` unless `force`."""
   calibration, _ = run_images(trained, "train", CALIBRATION_IMAGES)
   quantize_int8(fp32, int8_path, calibration)
   if len(set(val_y.tolist())) < 2:
@@ -193,10 +193,10 @@ def _int8(trained, sess, fp32, int8_path, val_x, val_y, force, out_dir, roc_auc)
   int8_probs = probabilities(session(int8_path), val_x)
   auc_int8 = float(roc_auc(val_y, int8_probs))
   drop = auc_fp32 - auc_int8
-  if drop > MAX_AUC_DROP and not force:
+  if drop > max_auc_drop and not force:
     raise InputError(f"--quantize=int8: validation AUC drops from {auc_fp32:.4f} (fp32) to {auc_int8:.4f} (int8), "
-                     f"more than {MAX_AUC_DROP}; nothing written (--force writes it anyway)")
+                     f"more than {max_auc_drop}; nothing written (--force writes it anyway)")
   return {"model": INT8_MODEL, "method": "static QDQ, per-channel int8 weights, uint8 activations, MinMax",
           "calibration_images": len(calibration), "validation_images": len(val_x), "val_auc_fp32": auc_fp32,
-          "val_auc_int8": auc_int8, "auc_drop": drop, "max_auc_drop": MAX_AUC_DROP, "forced": bool(force and
-                                                                                                  drop > MAX_AUC_DROP)}
+          "val_auc_int8": auc_int8, "auc_drop": drop, "max_auc_drop": max_auc_drop,
+          "forced": bool(force and drop > max_auc_drop)}
