@@ -111,25 +111,34 @@ def quantize_int8(fp32_path, int8_path, calibration):
   return int8_path
 
 
-def run_images(trained, side, limit=None):
-  """(x float32 [N, S, S, 3], y float64 [N]) of the run's validation ("val") or training ("train") images, in
-  the run's evaluation preprocessing (no augmentation), at most `limit` of them."""
+def run_batches(trained, side):
+  """Yields (x float32 [n, S, S, 3], y float64 [n]) batches of the run's validation ("val") or training ("train")
+  images in the run's evaluation preprocessing (no augmentation), each image once; batches, so a real fold
+  never has to fit in memory at once."""
   from melanoma_jax.image import data as data_lib  # pylint: disable=g-import-not-at-top
   run = trained.run
   data = data_lib.resolve_data(run, trained.workdir)
   split = data_lib.make_split(run, data)
   if side == "train":  # The training rows in the validation role: read once each, as evaluation reads them.
     split = data_lib.Split(train_df=split.val_df, val_df=split.train_df)
-  xs, ys, count = [], [], 0
   for batch in data_lib.make_pipeline(run, data, split).val_dataset():
     keep = batch["mask"].numpy() > 0
-    xs.append(batch["x"].numpy()[keep])
-    ys.append(batch["y"].numpy()[keep])
-    count += int(keep.sum())
-    if limit is not None and count >= limit:
+    if keep.any():
+      yield batch["x"].numpy()[keep].astype(np.float32), batch["y"].numpy()[keep].astype(np.float64)
+
+
+def run_images(trained, side, limit):
+  """(x, y) of the first `limit` images of `run_batches(trained, side)`."""
+  xs, ys, count = [], [], 0
+  for x, y in run_batches(trained, side):
+    xs.append(x)
+    ys.append(y)
+    count += len(x)
+    if count >= limit:
       break
-  x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float64)
-  return (x[:limit], y[:limit]) if limit is not None else (x, y)
+  if not xs:
+    raise InputError(f"{trained.workdir}: the run's {side} images are missing; nothing to check the export on")
+  return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
 
 
 def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MAX_AUC_DROP):
@@ -156,8 +165,7 @@ def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MA
     os.makedirs(tmp)
     fp32 = write_onnx(trained.run.model_name, trained.variables, trained.image_size, trained.tta,
                       os.path.join(tmp, MODEL))
-    val_x, val_y = run_images(trained, "val")
-    check_x = val_x[:CHECK_IMAGES]
+    check_x, _ = run_images(trained, "val", CHECK_IMAGES)
     sess = session(fp32)
     diff = float(np.max(np.abs(probabilities(sess, check_x) - trained.score(check_x).probabilities)))
     if not diff <= TOLERANCE:
@@ -168,7 +176,7 @@ def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MA
                   onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, tf2onnx=tf2onnx.__version__,
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
     if quantize == "int8":
-      record["int8"] = _int8(trained, sess, fp32, os.path.join(tmp, INT8_MODEL), val_x, val_y, force, out_dir,
+      record["int8"] = _int8(trained, sess, fp32, os.path.join(tmp, INT8_MODEL), force, out_dir,
                              evaluation.roc_auc, max_auc_drop)
     del sess
     outputs.claim(tmp, MARKER, record, outputs.tree(tmp))
@@ -183,20 +191,22 @@ def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MA
   return out_dir
 
 
-def _int8(trained, sess, fp32, int8_path, val_x, val_y, force, out_dir, roc_auc, max_auc_drop):
+def _int8(trained, sess, fp32, int8_path, force, out_dir, roc_auc, max_auc_drop):
   """Quantizes, measures both validation AUCs and refuses a drop over `max_auc_drop` unless `force`."""
   calibration, _ = run_images(trained, "train", CALIBRATION_IMAGES)
   quantize_int8(fp32, int8_path, calibration)
+  int8_sess = session(int8_path)
+  scored = [(y, probabilities(sess, x), probabilities(int8_sess, x)) for x, y in run_batches(trained, "val")]
+  val_y, fp32_probs, int8_probs = (np.concatenate(part) for part in zip(*scored))
   if len(set(val_y.tolist())) < 2:
     raise InputError(f"--out={out_dir}: the validation fold holds one class; int8's AUC cannot be measured")
-  auc_fp32 = float(roc_auc(val_y, probabilities(sess, val_x)))
-  int8_probs = probabilities(session(int8_path), val_x)
-  auc_int8 = float(roc_auc(val_y, int8_probs))
+  auc_fp32, auc_int8 = float(roc_auc(val_y, fp32_probs)), float(roc_auc(val_y, int8_probs))
   drop = auc_fp32 - auc_int8
   if drop > max_auc_drop and not force:
     raise InputError(f"--quantize=int8: validation AUC drops from {auc_fp32:.4f} (fp32) to {auc_int8:.4f} (int8), "
                      f"more than {max_auc_drop}; nothing written (--force writes it anyway)")
   return {"model": INT8_MODEL, "method": "static QDQ, per-channel int8 weights, uint8 activations, MinMax",
-          "calibration_images": len(calibration), "validation_images": len(val_x), "val_auc_fp32": auc_fp32,
+          "calibration_images": len(calibration), "validation_images": len(val_y), "val_auc_fp32": auc_fp32,
           "val_auc_int8": auc_int8, "auc_drop": drop, "max_auc_drop": max_auc_drop,
+          "max_abs_diff_vs_fp32": float(np.max(np.abs(int8_probs - fp32_probs))),
           "forced": bool(force and drop > max_auc_drop)}
