@@ -78,7 +78,8 @@ def write_onnx(model_name, variables, image_size, tta, path):
   proto = onnx.load(path)
   graph = proto.graph
   if len(graph.input) != 1 or len(graph.output) != 1:
-    raise InputError(f"{path}: the converter wrote {len(graph.input)} inputs and {len(graph.output)} outputs, not 1 and 1")
+    raise InputError(f"{path}: the converter wrote {len(graph.input)} inputs and {len(graph.output)} outputs, "
+                     "not 1 and 1")
   renames = {graph.input[0].name: INPUT, graph.output[0].name: OUTPUT}
   for node in graph.node:  # tf2onnx names them after TF tensors ("image:0", "Identity:0"): plain names instead.
     node.input[:] = [renames.get(n, n) for n in node.input]
