@@ -103,12 +103,16 @@ class _Calibration:
 
 
 def quantize_int8(fp32_path, int8_path, calibration):
-  """Static QDQ int8 quantization of `fp32_path` (per-channel weights, activations calibrated on `calibration`
-  model inputs) written to `int8_path`."""
+  """Static QDQ int8 quantization of `fp32_path` (per-channel int8 weights, uint8 activations whose ranges are
+  the 99.999th percentile over the `calibration` model inputs) written to `int8_path`.
+
+  Percentile, not MinMax: on the demo run (847 validation images) MinMax lost 0.006-0.009 of validation AUC in
+  all four settings tried, the percentile ranges -0.0003 to 0.006 (docs/inference.md). ONNX Runtime's histogram calibration keeps every
+  calibration image's activations in memory, so CALIBRATION_IMAGES stays small."""
   from onnxruntime import quantization as q  # pylint: disable=g-import-not-at-top
   q.quantize_static(fp32_path, int8_path, _Calibration(np.asarray(calibration, np.float32)),
                     quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QUInt8,
-                    weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.MinMax)
+                    weight_type=q.QuantType.QInt8, calibrate_method=q.CalibrationMethod.Percentile)
   return int8_path
 
 
@@ -206,7 +210,7 @@ def _int8(trained, sess, fp32, int8_path, force, out_dir, roc_auc, max_auc_drop)
   if drop > max_auc_drop and not force:
     raise InputError(f"--quantize=int8: validation AUC drops from {auc_fp32:.4f} (fp32) to {auc_int8:.4f} (int8), "
                      f"more than {max_auc_drop}; nothing written (--force writes it anyway)")
-  return {"model": INT8_MODEL, "method": "static QDQ, per-channel int8 weights, uint8 activations, MinMax",
+  return {"model": INT8_MODEL, "method": "static QDQ, per-channel int8 weights, uint8 activations, 99.999th percentile ranges",
           "calibration_images": len(calibration), "validation_images": len(val_y), "val_auc_fp32": auc_fp32,
           "val_auc_int8": auc_int8, "auc_drop": drop, "max_auc_drop": max_auc_drop,
           "max_abs_diff_vs_fp32": float(np.max(np.abs(int8_probs - fp32_probs))),
