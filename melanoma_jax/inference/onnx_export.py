@@ -176,7 +176,7 @@ def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MA
     if not diff <= TOLERANCE:
       raise InputError(f"--out={out_dir}: ONNX Runtime differs from the JAX path by {diff:.3g} (> {TOLERANCE}) on "
                        f"{len(check_x)} validation image(s); nothing written")
-    record = dict(info, format="onnx", contract=contract(trained.image_size, trained.tta), model=MODEL,
+    record = dict(info, format="onnx", contract=contract(trained.image_size, trained.tta),
                   check={"images": len(check_x), "max_abs_diff": diff, "tolerance": TOLERANCE},
                   onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, tf2onnx=tf2onnx.__version__,
                   exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat())
