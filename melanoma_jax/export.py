@@ -100,7 +100,8 @@ def _define_flags():
                     "(preprocessed images in, ONNX Runtime).")
   flags.DEFINE_enum("quantize", "none", ["none", "int8"], "ONNX only: also write a static int8 (QDQ) model.")
   flags.DEFINE_bool("force", False, "ONNX only: write the int8 model even if its validation AUC drops too far.")
-  flags.DEFINE_float("max_auc_drop", 0.005, "ONNX only: the most validation AUC int8 may lose against fp32.")
+  flags.DEFINE_float("max_auc_drop", 0.005, "ONNX only: the most validation AUC int8 may lose against fp32.",
+                    lower_bound=0.0)
   flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel's XLA code is lowered for.")
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS,
