@@ -11,8 +11,9 @@ InceptionResNetV2 + the 512-256-64-16 head, random weights, inference mode, no T
   decoded and scaled images (so Keras is not charged for decoding; `decode_ms` says what that costs);
 * onnx_fp32: the ONNX model `python -m melanoma_jax.export --format=onnx` writes (the network's Keras twin
   through Keras' ONNX export), in ONNX Runtime on the same decoded images as Keras;
-* onnx_int8: that model after the export's static QDQ int8 quantization (calibrated here on random images: the
-  speed is what is measured; its AUC is measured by the export on a run's validation fold).
+* onnx_int8: that model after the export's static QDQ int8 quantization (calibrated here on as many random images
+  as the export would use: the speed is what is measured; its AUC is measured by the export on a run's
+  validation fold).
 Every side uses every core (`threads`: XLA, TensorFlow and ONNX Runtime each run that many). ONNX fp32 is
 checked against the JAX path on the timed batch (`onnx_fp32_max_abs_diff_vs_jax`, within 1e-4 to count as
 correct); int8's difference is reported, not required. `batch1_latency_ms`: the median time of one image
@@ -100,7 +101,7 @@ def contenders(args, jpegs, workdir):
             "onnx_fp32": lambda: onnx_export.probabilities(fp32_session, decoded[:1])}
   if not args.no_int8:
     int8 = onnx_export.quantize_int8(fp32, os.path.join(workdir, "m.int8.onnx"),
-                                     common.random_images(32, args.size, seed=1))
+                                     common.random_images(onnx_export.calibration_count(args.size), args.size, seed=1))
     int8_session = onnx_export.session(int8, threads)
     sides["onnx_int8"] = lambda: onnx_export.probabilities(int8_session, decoded, args.global_batch)
     batch1["onnx_int8"] = lambda: onnx_export.probabilities(int8_session, decoded[:1])

@@ -35,7 +35,11 @@ INPUT, OUTPUT = "image", "probability"
 TOLERANCE = 1e-4
 MAX_AUC_DROP = 0.005
 CHECK_IMAGES = 8
-CALIBRATION_IMAGES = 64
+CALIBRATION_IMAGES = 64  # At 75x75; fewer for larger images (`calibration_count`).
+# ONNX Runtime's percentile calibration holds every calibration image's activations at once: InceptionResNetV2
+# took about 0.45 GB per 299x299 image (32 of them were killed for memory on a 23 GB machine).
+_CALIBRATION_PIXELS = CALIBRATION_IMAGES * 75 * 75
+_MIN_CALIBRATION_IMAGES = 8
 QUANTIZE = ("none", "int8")
 
 
@@ -102,13 +106,20 @@ class _Calibration:
     return next(self._batches, None)
 
 
+def calibration_count(image_size):
+  """How many images calibrate int8 at `image_size`: CALIBRATION_IMAGES at 75x75, fewer as the image area grows
+  (the calibration's memory grows with images x area), never under 8."""
+  return int(min(CALIBRATION_IMAGES, max(_MIN_CALIBRATION_IMAGES, _CALIBRATION_PIXELS // (image_size * image_size))))
+
+
 def quantize_int8(fp32_path, int8_path, calibration):
   """Static QDQ int8 quantization of `fp32_path` (per-channel int8 weights, uint8 activations whose ranges are
   the 99.999th percentile over the `calibration` model inputs) written to `int8_path`.
 
   Percentile, not MinMax: on the demo run (847 validation images) MinMax lost 0.006-0.009 of validation AUC in
-  all four settings tried, the percentile ranges -0.0003 to 0.006 (docs/inference.md). ONNX Runtime's histogram calibration keeps every
-  calibration image's activations in memory, so CALIBRATION_IMAGES stays small."""
+  all four settings tried, the percentile ranges -0.0003 to 0.006 (docs/inference.md). ONNX Runtime's
+  histogram calibration keeps every calibration image's activations in memory, so their count stays small
+  (`calibration_count`)."""
   from onnxruntime import quantization as q  # pylint: disable=g-import-not-at-top
   q.quantize_static(fp32_path, int8_path, _Calibration(np.asarray(calibration, np.float32)),
                     quant_format=q.QuantFormat.QDQ, per_channel=True, activation_type=q.QuantType.QUInt8,
@@ -198,7 +209,7 @@ def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MA
 
 def _int8(trained, sess, fp32, int8_path, force, out_dir, roc_auc, max_auc_drop):
   """Quantizes, measures both validation AUCs and refuses a drop over `max_auc_drop` unless `force`."""
-  calibration, _ = run_images(trained, "train", CALIBRATION_IMAGES)
+  calibration, _ = run_images(trained, "train", calibration_count(trained.image_size))
   quantize_int8(fp32, int8_path, calibration)
   int8_sess = session(int8_path)
   scored = [(y, probabilities(sess, x), probabilities(int8_sess, x)) for x, y in run_batches(trained, "val")]
@@ -210,7 +221,8 @@ def _int8(trained, sess, fp32, int8_path, force, out_dir, roc_auc, max_auc_drop)
   if drop > max_auc_drop and not force:
     raise InputError(f"--quantize=int8: validation AUC drops from {auc_fp32:.4f} (fp32) to {auc_int8:.4f} (int8), "
                      f"more than {max_auc_drop}; nothing written (--force writes it anyway)")
-  return {"model": INT8_MODEL, "method": "static QDQ, per-channel int8 weights, uint8 activations, 99.999th percentile ranges",
+  return {"model": INT8_MODEL,
+          "method": "static QDQ, per-channel int8 weights, uint8 activations, 99.999th percentile ranges",
           "calibration_images": len(calibration), "validation_images": len(val_y), "val_auc_fp32": auc_fp32,
           "val_auc_int8": auc_int8, "auc_drop": drop, "max_auc_drop": max_auc_drop,
           "max_abs_diff_vs_fp32": float(np.max(np.abs(int8_probs - fp32_probs))),
