@@ -100,8 +100,9 @@ def contenders(args, jpegs, workdir):
             "keras": lambda: keras.predict(decoded[:1], batch_size=1, verbose=0),
             "onnx_fp32": lambda: onnx_export.probabilities(fp32_session, decoded[:1])}
   if not args.no_int8:
-    int8 = onnx_export.quantize_int8(fp32, os.path.join(workdir, "m.int8.onnx"),
-                                     common.random_images(onnx_export.calibration_count(args.size), args.size, seed=1))
+    int8 = os.path.join(workdir, "m.int8.onnx")
+    int8_method = onnx_export.quantize_int8(fp32, int8, common.random_images(onnx_export.calibration_count(args.size),
+                                                                             args.size, seed=1))
     int8_session = onnx_export.session(int8, threads)
     sides["onnx_int8"] = lambda: onnx_export.probabilities(int8_session, decoded, args.global_batch)
     batch1["onnx_int8"] = lambda: onnx_export.probabilities(int8_session, decoded[:1])
@@ -114,7 +115,8 @@ def contenders(args, jpegs, workdir):
   reference = np.asarray(jax_path(), np.float64)
   diffs = {f"{n}_max_abs_diff_vs_jax": float(np.max(np.abs(np.asarray(sides[n](), np.float64).reshape(-1) - reference)))
            for n in sides if n.startswith("onnx")}
-  return sides, batch1, first, export_s, decode_s, dict(diffs, threads=threads)
+  return sides, batch1, first, export_s, decode_s, dict(diffs, threads=threads,
+                                                       int8_calibration=None if args.no_int8 else int8_method)
 
 
 def main(argv=None):
