@@ -1,6 +1,11 @@
-"""Export a trained run as a TensorFlow SavedModel for TensorFlow Serving (docs/inference.md).
+"""Export a trained run as a TensorFlow SavedModel for TensorFlow Serving, or as ONNX (docs/inference.md).
 
   python -m melanoma_jax.export --workdir=runs/demo --out=exported/demo
+  python -m melanoma_jax.export --workdir=runs/demo --format=onnx --out=exported/demo_onnx [--quantize=int8]
+
+--format=onnx writes model.onnx (preprocessed images in, probabilities out; `inference/onnx_export.py`) and
+its input contract in melanoma_jax_onnx.json, after checking ONNX Runtime against the JAX path on the run's
+own images; --quantize=int8 adds model.int8.onnx unless its validation AUC drops too far (--force).
 
 Signature `serving_default`: `image_bytes` (a batch of encoded JPEG/PNG strings) -> `probability` (float32,
 one per image) and `error` (string, one per image: "" or why that image got probability NaN: over
@@ -22,13 +27,36 @@ from melanoma_jax.utils import cli
 FLAGS = flags.FLAGS
 
 
-def run(workdir, out, platforms=("cpu", "cuda"), limits=None, require_finished=False):
+def run(workdir, out, platforms=("cpu", "cuda"), limits=None, require_finished=False, fmt="saved_model",
+        quantize="none", force=False, max_auc_drop=0.005):
   """The command: exports `workdir`'s model to `out` (raises RunError on bad input); `limits`: the
-  SavedModel's per-image limits (`inference.limits.Limits`, default its defaults). The workdir is read
-  under its shared lock: refused while a run trains there."""
+  SavedModel's per-image limits (`inference.limits.Limits`, default its defaults); `fmt` "saved_model" or
+  "onnx" (`quantize`, `force`, `max_auc_drop`: ONNX only). The workdir is read under its shared lock: refused while a
+  run trains there."""
   from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if fmt != "onnx" and (quantize != "none" or force):
+    raise InputError("--quantize and --force are for --format=onnx")
   with workdir_lib.read_lock(workdir):
+    if fmt == "onnx":
+      return _run_onnx(workdir, out, require_finished, quantize, force, max_auc_drop)
     return _run(workdir, out, platforms, limits, require_finished)
+
+
+def _run_onnx(workdir, out, require_finished, quantize, force, max_auc_drop):
+  from melanoma_jax.inference import loading, onnx_export  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if quantize not in onnx_export.QUANTIZE:
+    raise InputError(f"--quantize={quantize}: must be one of {', '.join(onnx_export.QUANTIZE)}")
+  # Before the slow load: never into the workdir, never over a file the export did not write.
+  outputs.check_folder(out, onnx_export.MARKER, "--out", outputs.Protected(workdir), onnx_export.PLANNED)
+  if loading.kind_of(workdir) == loading.ENSEMBLE:
+    raise loading.one_model_only(workdir, "an ONNX export")
+  trained = loading.load_predictor(workdir)
+  loading.announce(workdir, trained, require_finished)
+  return onnx_export.export(trained, out, {"workdir": os.path.abspath(workdir), "model": trained.description},
+                            quantize, force, max_auc_drop)
 
 
 def _run(workdir, out, platforms, limits, require_finished):
@@ -53,7 +81,7 @@ def main(argv):
   try:
     from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
     path = run(FLAGS.workdir, FLAGS.out, tuple(FLAGS.platforms), limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels),
-               FLAGS.require_finished)
+               FLAGS.require_finished, FLAGS.format, FLAGS.quantize, FLAGS.force, FLAGS.max_auc_drop)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
@@ -67,7 +95,13 @@ def _define_flags():
   """The command's flags, defined only when it runs as a command (the module stays importable beside
   other commands)."""
   flags.DEFINE_string("workdir", None, "A trained run's directory (main.py --workdir).")
-  flags.DEFINE_string("out", None, "SavedModel folder to write.")
+  flags.DEFINE_string("out", None, "Export folder to write (SavedModel or ONNX).")
+  flags.DEFINE_enum("format", "saved_model", ["saved_model", "onnx"], "SavedModel (bytes in, TF Serving) or ONNX "
+                    "(preprocessed images in, ONNX Runtime).")
+  flags.DEFINE_enum("quantize", "none", ["none", "int8"], "ONNX only: also write a static int8 (QDQ) model.")
+  flags.DEFINE_bool("force", False, "ONNX only: write the int8 model even if its validation AUC drops too far.")
+  flags.DEFINE_float("max_auc_drop", 0.005, "ONNX only: the most validation AUC int8 may lose against fp32.",
+                    lower_bound=0.0)
   flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms the SavedModel's XLA code is lowered for.")
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS,

@@ -18,6 +18,10 @@ A file that cannot be read gets an empty probability and the reason (and a warni
 predicted. A saliency map that cannot be written (a name too long) sets its row's error, the probability
 kept. Exit code 0 when at least one image was predicted, 1 otherwise or on bad input (one error line).
 
+--engine=onnx --exported=DIR predicts with ONNX Runtime from an ONNX export (python -m melanoma_jax.export
+--format=onnx; --onnx_model=int8 for its int8 model) instead of --workdir: the same Reader, rows and error rows;
+saliency maps and --metadata need the JAX engine, and the TTA is the one the export holds.
+
 An ensemble workdir averages its fold models' probabilities. With --metadata (ensembles only) it also fuses
 the metadata as the ensemble's test stage does (inference/ensemble.py): columns pred_image (fold mean) and
 pred_fused (calibrated fusion) are added and probability is pred_fused; a file without a metadata row gets
@@ -139,10 +143,26 @@ def _write_saliency(predictor, x, rows, folder):
       _warn(f"{shown(row['image'])}: {row['error']}")
 
 
-def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None, require_finished=False):
+def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None, require_finished=False,
+        engine="jax", exported="", onnx_model="fp32"):
   """The command: returns the rows written to `out` (raises RunError on bad input). `limits`: see
-  predict_folder. The workdir is read under its shared lock: refused while a run trains there."""
+  predict_folder. The workdir is read under its shared lock: refused while a run trains there. `engine`
+  "onnx": ONNX Runtime on export `exported`'s `onnx_model` ("fp32" or "int8"), no workdir."""
   from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if engine == "onnx":
+    unused = [f for f, v in (("--workdir", workdir), ("--saliency", saliency_dir), ("--metadata", metadata),
+                             ("--tta", tta is not None), ("--require_finished", require_finished)) if v]
+    if unused or not exported:
+      raise InputError(f"--engine=onnx takes --exported=DIR (an ONNX export), not {', '.join(unused)}" if unused
+                       else "--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
+    return _run_onnx(exported, onnx_model, images_dir, out, limits)
+  if engine != "jax":
+    raise InputError(f"--engine={engine}: must be jax or onnx")
+  if exported:
+    raise InputError("--exported is for --engine=onnx")
+  if not workdir:
+    raise InputError("--workdir is required with --engine=jax")
   with workdir_lib.read_lock(workdir):
     return _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished)
 
@@ -151,7 +171,6 @@ def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.inference import preds_csv  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
   paths = images_lib.list_images(images_dir)
   # Every refusal below comes before the slow load: outputs first, so nothing is computed for nothing.
@@ -179,7 +198,12 @@ def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_
   if saliency_dir:
     outputs.claim(saliency_dir, SALIENCY_MARKER, info,
                   [n for n in set(ours) | set(planned) if os.path.exists(os.path.join(saliency_dir, n))])
-  columns = ["image", "probability", "error"] + (["pred_image", "pred_fused"] if metadata else [])
+  return _write(rows, ["image", "probability", "error"] + (["pred_image", "pred_fused"] if metadata else []), out)
+
+
+def _write(rows, columns, out):
+  from melanoma_jax.inference import preds_csv  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
   try:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     preds_csv.write(rows, columns, out)
@@ -188,13 +212,25 @@ def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_
   return rows
 
 
-def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None, require_finished=False):
+def _run_onnx(exported, onnx_model, images_dir, out, limits):
+  from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import onnx_predictor, outputs  # pylint: disable=g-import-not-at-top
+  paths = images_lib.list_images(images_dir)
+  # The export folder is protected as a workdir is: preds.csv never lands among its checked files.
+  outputs.check_file(out, "--out", outputs.Protected(exported, images_dir, inputs=paths))
+  predictor = onnx_predictor.load(exported, onnx_model)
+  print(predictor.description, file=sys.stderr, flush=True)
+  return _write(predict_folder(predictor, paths, limits=limits), ["image", "probability", "error"], out)
+
+
+def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None, require_finished=False,
+            engine="jax", exported="", onnx_model="fp32"):
   """The command line's work and messages; returns its exit code (0: at least one image predicted)."""
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
     rows = run(workdir, images_dir, out, saliency_dir, metadata, {"run": None, "on": True, "off": False}[tta],
-               limits, require_finished)
+               limits, require_finished, engine, exported, onnx_model)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
@@ -215,13 +251,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta,
-                   limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), FLAGS.require_finished))
+                   limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), FLAGS.require_finished, FLAGS.engine,
+                   FLAGS.exported, FLAGS.onnx_model))
 
 
 def _define_flags():
   """The command's flags, defined only when it runs as a command (the module stays importable beside
   other commands)."""
-  flags.DEFINE_string("workdir", None, "A trained run's or ensemble's directory (main.py --workdir).")
+  flags.DEFINE_string("workdir", "", "A trained run's or ensemble's directory (main.py --workdir); --engine=jax.")
+  flags.DEFINE_enum("engine", "jax", ["jax", "onnx"], "jax: the run's checkpoint; onnx: ONNX Runtime on --exported.")
+  flags.DEFINE_string("exported", "", "An ONNX export's folder (python -m melanoma_jax.export --format=onnx).")
+  flags.DEFINE_enum("onnx_model", "fp32", ["fp32", "int8"], "Which model of --exported ONNX Runtime runs.")
   flags.DEFINE_string("images", None, "Folder of .jpg/.jpeg/.png files to predict.")
   flags.DEFINE_string("out", None, "CSV to write: image, probability, error (+ pred_image, pred_fused).")
   flags.DEFINE_string("saliency", "", "Folder for one Grad-CAM + SmoothGrad PNG per image ('' = none).")
@@ -231,7 +271,7 @@ def _define_flags():
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="gets its error row",
                           uses="predicts with")
-  flags.mark_flags_as_required(["workdir", "images", "out"])
+  flags.mark_flags_as_required(["images", "out"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""A trained Flax model's Keras twin: the same network as a Keras 3 (TensorFlow backend) model with the run's
+weights, which Keras' own ONNX export (tf2onnx over a plain TF graph) turns into ONNX.
+
+`twin(trained)` -> keras.Model: float32 [B, S, S, 3] model inputs (NHWC, in [-1, 1], as the predict command's
+Reader makes them) -> float32 [B] probabilities, BatchNorm in inference mode, dropout off, and with the run's
+TTA the mean over the image and its two flips, as `training.steps.make_predict_step` computes them.
+
+* "inception_resnet_v2": `keras.applications.InceptionResNetV2(include_top=False, pooling="avg")` plus Dense
+  layers of the head's sizes. Its weights are put in through the converter's own layer mapping
+  (`models.inception_resnet_v2_keras.map_layers`, which proves the two networks equal layer for layer and is
+  tested against Keras): each Keras variable is handed to it as a placeholder array, and the placeholder it
+  returns for a Flax path names the Keras variable that path fills. So there is one mapping, not two.
+* "tiny": Conv2D(3x3, stride 2, "same", no bias) + BatchNormalization + ReLU twice, global average pool,
+  Dense(1): `models.tiny` layer for layer.
+
+Any other model is refused with one line. The caller checks the twin against the JAX path on real images.
+"""
+import os
+
+import numpy as np
+
+from melanoma_jax.models import inception_resnet_v2_keras as irv2_keras
+from melanoma_jax.utils.errors import InputError
+from melanoma_jax.utils.tf_host import tf
+
+MODELS = ("inception_resnet_v2", "tiny")
+_BN_EPSILON = 1e-3  # models.tiny's and InceptionResNetV2's BatchNorm epsilon, as Keras'.
+
+
+def keras():
+  """Keras on the TensorFlow backend (TensorFlow first, with its GPUs hidden); InputError on another one."""
+  tf()
+  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+  import keras as keras_module  # pylint: disable=g-import-not-at-top
+  if keras_module.backend.backend() != "tensorflow":
+    raise InputError(f"the ONNX export needs Keras on TensorFlow; KERAS_BACKEND is {keras_module.backend.backend()}")
+  return keras_module
+
+
+class _Placeholder:
+  """A Keras layer as `map_layers` reads it (`name`, `weights` {role: array}, `kind`, `shapes()`), its arrays
+  zeros whose identity leads back to the Keras variable."""
+
+  def __init__(self, layer):
+    self.name = layer.name
+    self.variables = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights}
+    self.weights = {role: np.zeros(tuple(v.shape), np.float32) for role, v in self.variables.items()}
+    kernel = self.weights.get("kernel")
+    self.kind = ("bn" if "moving_mean" in self.weights else "conv" if kernel is not None and kernel.ndim == 4
+                 else "dense" if kernel is not None and kernel.ndim == 2 else "other")
+
+  def shapes(self):
+    return {role: a.shape for role, a in self.weights.items()}
+
+
+def _fill_inception_resnet_v2(backbone, variables):
+  """Assigns the Flax backbone's variables to the Keras InceptionResNetV2 `backbone` (see the module doc)."""
+  placeholders = [_Placeholder(layer) for layer in backbone.layers if layer.weights]
+  owner = {id(a): p.variables[role] for p in placeholders for role, a in p.weights.items()}
+  mapped = irv2_keras.map_layers(placeholders, None, "the Keras twin")
+  for (collection, *path), placeholder in mapped.items():
+    owner[id(placeholder)].assign(np.asarray(variables[collection]["backbone"][tuple(path)], np.float32))
+  if len(mapped) != len(owner):
+    raise InputError(f"the Keras twin: {len(owner) - len(mapped)} Keras variable(s) were not filled")
+
+
+def _flat(tree):
+  import flax.traverse_util  # pylint: disable=g-import-not-at-top
+  return flax.traverse_util.flatten_dict(tree)
+
+
+def _dense(keras_, params, activation=None):
+  layer = keras_.layers.Dense(params["kernel"].shape[1], activation=activation)
+  return layer, [np.asarray(params["kernel"], np.float32), np.asarray(params["bias"], np.float32)]
+
+
+def _core(keras_, model_name, variables, size):
+  """The network without TTA: model inputs -> probabilities [B, 1], and the weights to set once it is built."""
+  inputs = keras_.Input((size, size, 3), dtype="float32")
+  pending = []
+  if model_name == "inception_resnet_v2":
+    backbone = keras_.applications.InceptionResNetV2(include_top=False, weights=None, input_shape=(size, size, 3),
+                                                     pooling="avg")
+    _fill_inception_resnet_v2(backbone, {"params": {"backbone": _flat(variables["params"]["backbone"])},
+                                         "batch_stats": {"backbone": _flat(variables["batch_stats"]["backbone"])}})
+    x = backbone(inputs)
+    head = variables["params"]["head"]
+    hidden = sorted((k for k in head if k.startswith("dense_")), key=lambda k: int(k.split("_")[1]))
+    for name in hidden + ["logit"]:
+      layer, weights = _dense(keras_, head[name], "relu" if name != "logit" else "sigmoid")
+      x = layer(x)
+      pending.append((layer, weights))
+  elif model_name == "tiny":
+    params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+    x = inputs
+    for i in range(2):
+      conv = keras_.layers.Conv2D(params[f"conv{i}"]["kernel"].shape[-1], 3, strides=2, padding="same", use_bias=False)
+      bn = keras_.layers.BatchNormalization(epsilon=_BN_EPSILON)
+      x = keras_.layers.ReLU()(bn(conv(x)))
+      pending.append((conv, [np.asarray(params[f"conv{i}"]["kernel"], np.float32)]))
+      pending.append((bn, [np.asarray(a, np.float32) for a in (params[f"bn{i}"]["scale"], params[f"bn{i}"]["bias"],
+                                                               stats[f"bn{i}"]["mean"], stats[f"bn{i}"]["var"])]))
+    x = keras_.layers.GlobalAveragePooling2D()(x)
+    layer, weights = _dense(keras_, variables["params"]["head"], "sigmoid")
+    x = layer(x)
+    pending.append((layer, weights))
+  else:
+    raise InputError(f"model {model_name!r} has no ONNX export (those that have: {', '.join(MODELS)})")
+  model = keras_.Model(inputs, x)
+  for layer, weights in pending:
+    layer.set_weights(weights)
+  return model
+
+
+def twin(model_name, variables, image_size, tta):
+  """The Keras twin of model `model_name` (one of MODELS) with Flax `variables` ({'params', 'batch_stats'}) for
+  `image_size` pixels a side, averaged over flips when `tta`; see the module doc."""
+  keras_ = keras()
+  size = int(image_size)
+  core = _core(keras_, model_name, variables, size)
+  inputs = keras_.Input((size, size, 3), dtype="float32", name="image")
+  if tta:  # The predict step's views: the image, flipped left-right (axis 2), flipped upside down (axis 1).
+    views = [inputs, keras_.ops.flip(inputs, axis=2), keras_.ops.flip(inputs, axis=1)]
+    probability = keras_.layers.Average()([core(v) for v in views])
+  else:
+    probability = core(inputs)
+  return keras_.Model(inputs, keras_.ops.reshape(probability, (-1,)), name="melanoma_jax")
