@@ -10,14 +10,13 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+import helpers
 from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import records
 from melanoma_jax.data.synthetic import lesions, seeding
@@ -25,29 +24,17 @@ from melanoma_jax.inference import images, loading, saliency
 from melanoma_jax.training import identity
 from melanoma_jax.utils.errors import InputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 96  # The tiny model's last feature map is 24x24 here: room for Grad-CAM to show where it looks.
 SEED = 0
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
 UNREADABLE = {"broken.jpg", "empty.jpeg", "notes.txt"}
-
-
-def _python(*args, timeout=300):
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A tiny model trained (backbone included) for 4 epochs on 40 patients' synthetic lesions."""
   workdir = tmp_path_factory.mktemp("inference") / "run"
-  proc = _python("main.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.model.name=tiny",
-                 f"--config.image_size={SIZE}", "--config.per_device_batch_size=4", "--config.num_epochs=4",
-                 "--config.freeze_backbone_epochs=0", "--config.synthetic.num_patients=40",
-                 f"--config.synthetic.seed={SEED}", "--config.log_every_steps=100", "--jax_cache_dir=")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+  return helpers.train_tiny(workdir, "--config.freeze_backbone_epochs=0", f"--config.synthetic.seed={SEED}",
+                            image_size=SIZE, batch=4, epochs=4, patients=40)
 
 
 def _records(workdir, pattern):
@@ -76,7 +63,7 @@ def image_folder(workdir):
 def predicted(workdir, image_folder):
   """The predict command (a subprocess, as users run it) with saliency maps: (rows, process, folder)."""
   out, maps = workdir.parent / "preds.csv", workdir.parent / "maps"
-  proc = _python("-m", "melanoma_jax.predict", f"--workdir={workdir}", f"--images={image_folder}",
+  proc = helpers.python("-m", "melanoma_jax.predict", f"--workdir={workdir}", f"--images={image_folder}",
                  f"--out={out}", f"--saliency={maps}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return pd.read_csv(out, keep_default_na=False), proc, maps
@@ -294,7 +281,7 @@ def test_saved_model_in_a_fresh_tensorflow_matches_the_predict_command(workdir, 
       "  'one': serve(image_bytes=tf.constant(batch[:1]))['probability'].numpy().tolist(),\n"
       "  'none': serve(image_bytes=tf.constant([], tf.string))['probability'].numpy().tolist(),\n"
       "  'ours': 'melanoma_jax' in sys.modules}))\n")
-  proc = _python("-c", script, str(out), str(image_folder), json.dumps(list(rows["image"])))
+  proc = helpers.python("-c", script, str(out), str(image_folder), json.dumps(list(rows["image"])))
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert got["inputs"] == ["image_bytes"] and not got["ours"]

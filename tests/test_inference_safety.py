@@ -8,36 +8,20 @@ asserted to come before the model loads (`loading.load_predictor` is replaced by
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
+import helpers
 from melanoma_jax import export
 from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import records
 from melanoma_jax.inference import loading, tf_export
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def _python(*args, timeout=300):
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A tiny model trained for 1 epoch on 12 patients' 75x75 synthetic lesions (about 15 s)."""
-  workdir = tmp_path_factory.mktemp("safety") / "run"
-  proc = _python("main.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.model.name=tiny",
-                 "--config.image_size=75", "--config.per_device_batch_size=2", "--config.num_epochs=1",
-                 "--config.synthetic.num_patients=12", "--config.log_every_steps=100", "--jax_cache_dir=")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+  return helpers.train_tiny(tmp_path_factory.mktemp("safety") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +269,7 @@ def _peak_predict(workdir, images, out):
   script = ("import resource, sys\nfrom melanoma_jax import predict\n"
             "code = predict.command(sys.argv[1], sys.argv[2], sys.argv[3])\n"
             "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\nsys.exit(code)\n")
-  proc = _python("-c", script, str(workdir), str(images), str(out))
+  proc = helpers.python("-c", script, str(workdir), str(images), str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   return int(proc.stdout.split("peak_rss_mb")[-1])
 
@@ -318,7 +302,7 @@ def test_the_limits_are_flags(workdir, jpegs, tmp_path):
   Image.new("RGB", (20, 20)).save(buffer, "PNG")
   (images / "small.png").write_bytes(buffer.getvalue())
   assert len(buffer.getvalue()) < 1000 < len(jpeg)
-  proc = _python("-m", "melanoma_jax.predict", f"--workdir={workdir}", f"--images={images}", f"--out={out}",
+  proc = helpers.python("-m", "melanoma_jax.predict", f"--workdir={workdir}", f"--images={images}", f"--out={out}",
                  "--max_file_mb=0.001", "--max_pixels=100")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   rows = pd.read_csv(out, keep_default_na=False).set_index("image")
@@ -353,7 +337,7 @@ def test_saved_model_scores_a_batch_around_its_broken_images(workdir, jpegs, tmp
             "got = serve(image_bytes=tf.constant([open(sys.argv[2] + '/' + n, 'rb').read() for n in names]))\n"
             "print(json.dumps({'probability': [None if p != p else float(p) for p in got['probability'].numpy()],\n"
             "  'error': [e.decode() for e in got['error'].numpy()], 'ours': 'melanoma_jax' in sys.modules}))\n")
-  proc = _python("-c", script, str(out), str(images), json.dumps(list(batch)))
+  proc = helpers.python("-c", script, str(out), str(images), json.dumps(list(batch)))
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = json.loads(proc.stdout.strip().splitlines()[-1])
   assert not got["ours"]
@@ -441,7 +425,7 @@ def test_a_run_of_its_own_synthetic_set_refuses_an_edited_file_and_never_regener
   train_csv = copy / "data" / "train.csv"
   edited = train_csv.read_text().replace(",0\n", ",1\n", 1)
   train_csv.write_text(edited)
-  proc = _python("main.py", "--config=configs/demo.py", f"--workdir={copy}", "--config.model.name=tiny",
+  proc = helpers.python("main.py", "--config=configs/demo.py", f"--workdir={copy}", "--config.model.name=tiny",
                  "--config.image_size=75", "--config.per_device_batch_size=2", "--config.num_epochs=1",
                  "--config.synthetic.num_patients=12", "--config.log_every_steps=100", "--jax_cache_dir=",
                  "--mode=predict")
