@@ -43,34 +43,33 @@ def run(workdir, out, platforms=("cpu", "cuda"), limits=None, require_finished=F
     return _run(workdir, out, platforms, limits, require_finished)
 
 
+def _load(workdir, out, exporter, what, require_finished):
+  """(the trained model of `workdir`, the facts its export records) for `exporter` (`tf_export` or
+  `onnx_export`); `what` names the export in the ensemble refusal."""
+  from melanoma_jax.inference import loading, outputs  # pylint: disable=g-import-not-at-top
+  # Before the slow load: never into the workdir, never over a file the export did not write.
+  outputs.check_folder(out, exporter.MARKER, "--out", outputs.Protected(workdir), exporter.PLANNED)
+  if loading.kind_of(workdir) == loading.ENSEMBLE:
+    raise loading.one_model_only(workdir, what)
+  trained = loading.load_predictor(workdir)
+  loading.announce(workdir, trained, require_finished)
+  return trained, {"workdir": os.path.abspath(workdir), "model": trained.description}
+
+
 def _run_onnx(workdir, out, require_finished, quantize, force, max_auc_drop):
-  from melanoma_jax.inference import loading, onnx_export  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
   if quantize not in onnx_export.QUANTIZE:
     raise InputError(f"--quantize={quantize}: must be one of {', '.join(onnx_export.QUANTIZE)}")
-  # Before the slow load: never into the workdir, never over a file the export did not write.
-  outputs.check_folder(out, onnx_export.MARKER, "--out", outputs.Protected(workdir), onnx_export.PLANNED)
-  if loading.kind_of(workdir) == loading.ENSEMBLE:
-    raise loading.one_model_only(workdir, "an ONNX export")
-  trained = loading.load_predictor(workdir)
-  loading.announce(workdir, trained, require_finished)
-  return onnx_export.export(trained, out, {"workdir": os.path.abspath(workdir), "model": trained.description},
-                            quantize, force, max_auc_drop)
+  trained, info = _load(workdir, out, onnx_export, "an ONNX export", require_finished)
+  return onnx_export.export(trained, out, info, quantize, force, max_auc_drop)
 
 
 def _run(workdir, out, platforms, limits, require_finished):
   from melanoma_jax.inference import limits as limits_lib  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.inference import loading, tf_export  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
-  # Before the slow load: never into the workdir, never over a file the export did not write.
-  outputs.check_folder(out, tf_export.MARKER, "--out", outputs.Protected(workdir), tf_export.PLANNED)
-  if loading.kind_of(workdir) == loading.ENSEMBLE:
-    raise loading.one_model_only(workdir, "a SavedModel export")
-  trained = loading.load_predictor(workdir)
-  loading.announce(workdir, trained, require_finished)
-  return tf_export.export(trained, out, {"workdir": os.path.abspath(workdir), "model": trained.description},
-                          platforms, limits or limits_lib.Limits())
+  from melanoma_jax.inference import tf_export  # pylint: disable=g-import-not-at-top
+  trained, info = _load(workdir, out, tf_export, "a SavedModel export", require_finished)
+  return tf_export.export(trained, out, info, platforms, limits or limits_lib.Limits())
 
 
 def main(argv):

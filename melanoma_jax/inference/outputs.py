@@ -138,6 +138,20 @@ def check_folder(folder, marker, flag, protected, planned=()):
   return {n: d for n, d in ours.items() if n != marker and _ours(folder, n, ours, marker)}
 
 
+def staging(folder, marker, planned):
+  """(`folder` made absolute, the hidden sibling an export is written to before `install` moves it into place),
+  once `check_folder` allows `--out=folder` to receive `planned`; creates nothing."""
+  folder = os.path.abspath(folder)
+  check_folder(folder, marker, "--out", Protected(), planned)
+  return folder, os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.{os.getpid()}.tmp")
+
+
+def clear_staging(tmp):
+  """Makes the parent of staging folder `tmp` and removes what an interrupted export left there."""
+  os.makedirs(os.path.dirname(tmp), exist_ok=True)
+  shutil.rmtree(tmp, ignore_errors=True)
+
+
 def claim(folder, marker, info, names):
   """Creates `folder` (after `check_folder`) and writes its marker: `info` plus `files`, each of `names`
   with the sha256 of its bytes (None for one not written yet)."""

@@ -14,7 +14,6 @@ scored as if it were alone.
 """
 import contextlib
 import datetime
-import os
 import shutil
 from typing import Sequence
 
@@ -121,13 +120,9 @@ def export(trained: image.TrainedModel, out_dir, info, platforms: Sequence[str] 
   list of files written.
   """
   tf_ = tf()
-  out_dir = os.path.abspath(out_dir)
-  outputs.check_folder(out_dir, MARKER, "--out", outputs.Protected(), PLANNED)
-  parent = os.path.dirname(out_dir)
-  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
+  out_dir, tmp = outputs.staging(out_dir, MARKER, PLANNED)
   try:
-    os.makedirs(parent, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    outputs.clear_staging(tmp)
     module = serving_module(trained, platforms, limits)
     with max_compatibility_stablehlo():
       concrete = module.serve.get_concrete_function()
