@@ -41,6 +41,7 @@ CALIBRATION_IMAGES = 64  # At 75x75; fewer for larger images (`calibration_count
 _CALIBRATION_PIXELS = CALIBRATION_IMAGES * 75 * 75
 _MIN_CALIBRATION_IMAGES = 8
 QUANTIZE = ("none", "int8")
+_CATCH_ERRORS = "TF2ONNX_CATCH_ERRORS"  # tf2onnx.constants.ENV_TF2ONNX_CATCH_ERRORS
 
 
 def contract(image_size, tta):
@@ -77,7 +78,16 @@ def write_onnx(model_name, variables, image_size, tta, path):
   keras_ = keras_twin.keras()
   model = keras_twin.twin(model_name, variables, image_size, tta)
   spec = tf().TensorSpec([None, image_size, image_size, 3], tf().float32, name=INPUT)
-  model.export(path, format="onnx", input_signature=[spec], verbose=False)
+  # tf2onnx deep-copies the whole graph, weights included, before each of its optimizer passes so that a failing
+  # pass can be skipped; without the copies a failing pass fails the export (refused with one line), and the
+  # export is checked against the JAX path either way. The user's own setting is kept.
+  ours = _CATCH_ERRORS not in os.environ
+  os.environ.setdefault(_CATCH_ERRORS, "FALSE")
+  try:
+    model.export(path, format="onnx", input_signature=[spec], verbose=False)
+  finally:
+    if ours:
+      os.environ.pop(_CATCH_ERRORS, None)
   keras_.backend.clear_session()
   proto = onnx.load(path)
   graph = proto.graph
@@ -182,13 +192,9 @@ def export(trained, out_dir, info, quantize="none", force=False, max_auc_drop=MA
   from melanoma_jax import evaluation  # pylint: disable=g-import-not-at-top
   if quantize not in QUANTIZE:
     raise InputError(f"--quantize={quantize}: must be one of {', '.join(QUANTIZE)}")
-  out_dir = os.path.abspath(out_dir)
-  outputs.check_folder(out_dir, MARKER, "--out", outputs.Protected(), PLANNED)
-  parent = os.path.dirname(out_dir)
-  tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{os.getpid()}.tmp")
+  out_dir, tmp = outputs.staging(out_dir, MARKER, PLANNED)
   try:
-    os.makedirs(parent, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    outputs.clear_staging(tmp)
     os.makedirs(tmp)
     fp32 = write_onnx(trained.run.model_name, trained.variables, trained.image_size, trained.tta,
                       os.path.join(tmp, MODEL))
