@@ -10,6 +10,12 @@ TTA the mean over the image and its two flips, as `training.steps.make_predict_s
   (`models.inception_resnet_v2_keras.map_layers`, which proves the two networks equal layer for layer and is
   tested against Keras): each Keras variable is handed to it as a placeholder array, and the placeholder it
   returns for a Flax path names the Keras variable that path fills. So there is one mapping, not two.
+* "efficientnet_b0" .. "efficientnet_b7": `keras.applications.EfficientNetB<n>(include_top=False, weights=None,
+  pooling="avg")` after a Rescaling from model inputs to its [0, 255] pixels, plus the head's Dense layers. Its
+  weights are put in through the converter's own list of Keras layers and Flax paths
+  (`models.efficientnet_keras.units`), read backwards: one mapping, not two. Built without ImageNet weights,
+  Keras adds no ImageNet `Rescaling`, so the Flax normalisation statistics (that rescaling already folded in)
+  go into its `Normalization` as they are.
 * "tiny": Conv2D(3x3, stride 2, "same", no bias) + BatchNormalization + ReLU twice, global average pool,
   Dense(1): `models.tiny` layer for layer.
 
@@ -19,11 +25,13 @@ import os
 
 import numpy as np
 
+from melanoma_jax.models import backbones
+from melanoma_jax.models import efficientnet_keras
 from melanoma_jax.models import inception_resnet_v2_keras as irv2_keras
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
-MODELS = ("inception_resnet_v2", "tiny")
+MODELS = backbones.BACKBONES + ("tiny",)
 _BN_EPSILON = 1e-3  # models.tiny's and InceptionResNetV2's BatchNorm epsilon, as Keras'.
 
 
@@ -43,7 +51,7 @@ class _Placeholder:
 
   def __init__(self, layer):
     self.name = layer.name
-    self.variables = {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights}
+    self.variables = _keras_variables(layer)
     self.weights = {role: np.zeros(tuple(v.shape), np.float32) for role, v in self.variables.items()}
     kernel = self.weights.get("kernel")
     self.kind = ("bn" if "moving_mean" in self.weights else "conv" if kernel is not None and kernel.ndim == 4
@@ -64,6 +72,37 @@ def _fill_inception_resnet_v2(backbone, variables):
     raise InputError(f"the Keras twin: {len(owner) - len(mapped)} Keras variable(s) were not filled")
 
 
+def _keras_variables(layer):
+  """{role: Keras variable} of `layer` (role: the variable's own name, e.g. 'kernel', 'moving_mean')."""
+  return {v.name.split("/")[-1].split(":")[0]: v for v in layer.weights}
+
+
+def _fill_efficientnet(backbone, variant, flat):
+  """Assigns the Flax EfficientNet's `flat` variables ({(collection, *path): array}) to the Keras EfficientNet
+  `backbone` (see the module doc)."""
+  layers = {layer.name: layer for layer in backbone.layers if layer.weights}
+  for name, layer in list(layers.items()):
+    if set(_keras_variables(layer)) == {"mean", "variance", "count"}:  # Matched by its weights, as the converter does.
+      layers[efficientnet_keras.NORMALIZATION] = layers.pop(name)
+  flat = dict(flat)
+  for unit in efficientnet_keras.units(variant, None):
+    layer = layers.pop(unit.layer, None)
+    if layer is None:
+      raise InputError(f"the Keras twin: EfficientNet{variant.upper()} has no layer '{unit.layer}'")
+    keras_variables = _keras_variables(layer)
+    for role, (path, shape) in unit.targets.items():
+      if path is not None:  # Flax's depthwise kernel [k, k, 1, C] is Keras' [k, k, C, 1]: the same values in order.
+        keras_variables[role].assign(np.asarray(flat.pop(path), np.float32).reshape(shape))
+    if unit.layer == efficientnet_keras.NORMALIZATION:
+      # Keras' Normalization computes with tensors it took from its variables when it was built (zeros and ones
+      # here), which the ONNX converter would also turn into model inputs: numpy constants of the values instead.
+      for attribute, role in (("mean", "mean"), ("variance", "variance")):
+        setattr(layer, attribute, np.asarray(keras_variables[role].numpy(), np.float32).reshape(1, 1, 1, -1))
+  if layers or flat:
+    raise InputError(f"the Keras twin: {len(layers)} Keras layer(s) and {len(flat)} Flax variable(s) of "
+                     f"EfficientNet{variant.upper()} were not matched")
+
+
 def _flat(tree):
   import flax.traverse_util  # pylint: disable=g-import-not-at-top
   return flax.traverse_util.flatten_dict(tree)
@@ -78,12 +117,21 @@ def _core(keras_, model_name, variables, size):
   """The network without TTA: model inputs -> probabilities [B, 1], and the weights to set once it is built."""
   inputs = keras_.Input((size, size, 3), dtype="float32")
   pending = []
-  if model_name == "inception_resnet_v2":
-    backbone = keras_.applications.InceptionResNetV2(include_top=False, weights=None, input_shape=(size, size, 3),
-                                                     pooling="avg")
-    _fill_inception_resnet_v2(backbone, {"params": {"backbone": _flat(variables["params"]["backbone"])},
-                                         "batch_stats": {"backbone": _flat(variables["batch_stats"]["backbone"])}})
-    x = backbone(inputs)
+  if model_name in backbones.BACKBONES:
+    backbone_variables = {"params": {"backbone": _flat(variables["params"]["backbone"])},
+                          "batch_stats": {"backbone": _flat(variables["batch_stats"]["backbone"])}}
+    if model_name == backbones.INCEPTION_RESNET_V2:
+      backbone = keras_.applications.InceptionResNetV2(include_top=False, weights=None,
+                                                       input_shape=(size, size, 3), pooling="avg")
+      _fill_inception_resnet_v2(backbone, backbone_variables)
+      x = backbone(inputs)
+    else:
+      variant = model_name.rsplit("_", 1)[1]
+      backbone = getattr(keras_.applications, backbones.display_name(model_name))(
+          include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+      _fill_efficientnet(backbone, variant, {(c, *path): a for c, tree in backbone_variables.items()
+                                             for path, a in tree["backbone"].items()})
+      x = backbone(keras_.layers.Rescaling(127.5, offset=127.5)(inputs))  # backbones.from_model_input
     head = variables["params"]["head"]
     hidden = sorted((k for k in head if k.startswith("dense_")), key=lambda k: int(k.split("_")[1]))
     for name in hidden + ["logit"]:
