@@ -3,6 +3,12 @@
 One tiny model is trained once through main.py on 75x75 synthetic lesions and exported once through the
 command (fp32 and int8); ONNX Runtime runs the exported files in a fresh process, so nothing of the exporting
 process (Keras, TensorFlow, JAX) takes part in what is compared.
+
+Every export, Keras twin, ONNX Runtime session and int8 calibration runs in a fresh process
+(tests/onnx_worker.py, the predict command): this process, which in `make test` runs every test module in
+turn, never loads tf2onnx or ONNX Runtime or builds a Keras model, and the exporters' memory is returned when
+their process exits. The exports of a randomly initialised EfficientNet-B0 and InceptionResNetV2 are started
+first and run beside the tiny model's training and exports.
 """
 import glob
 import json
@@ -10,60 +16,71 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pandas as pd
 import pytest
 
+import helpers
 from melanoma_jax import export as export_cli
 from melanoma_jax import image, models
 from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import records
 from melanoma_jax.inference import onnx_export
-from melanoma_jax.training import steps
 from melanoma_jax.utils.errors import InputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
-# A fresh process with ONNX Runtime and numpy only: model file and inputs in, probabilities out.
-_ORT = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1]); "
-        "np.save(sys.argv[3], s.run(['probability'], {'image': np.load(sys.argv[2])})[0])")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onnx_worker.py")
 
 
-def _python(*args, timeout=600):
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
+def _worker(*args, timeout=600):
+  proc = helpers.python(WORKER, *map(str, args), timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
 
 
 def _fresh_ort(model, x, tmp_path):
+  """ONNX Runtime's probabilities of `x` from `model`, in a process that loads ONNX Runtime and numpy only."""
   np.save(tmp_path / "x.npy", x)
-  proc = _python("-c", _ORT, str(model), str(tmp_path / "x.npy"), str(tmp_path / "p.npy"))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "tensorflow" not in proc.stderr.lower()
+  _worker("ort", model, tmp_path / "x.npy", tmp_path / "p.npy")
   return np.load(tmp_path / "p.npy").astype(np.float64)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A tiny model trained for 1 epoch on 12 patients' 75x75 synthetic lesions."""
-  workdir = tmp_path_factory.mktemp("onnx") / "run"
-  proc = _python("main.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.model.name=tiny",
-                 "--config.image_size=75", "--config.per_device_batch_size=2", "--config.num_epochs=1",
-                 "--config.synthetic.num_patients=12", "--config.log_every_steps=100", "--jax_cache_dir=")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir
+def random_started(tmp_path_factory):
+  """onnx_worker.py random: randomly initialised EfficientNet-B0 (32x32, its smallest size) and
+  InceptionResNetV2 (75x75) exported, started before anything else of this module."""
+  out = tmp_path_factory.mktemp("random")
+  log = open(out / "stderr.txt", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
+  # The smaller model first: what a process once held it keeps, so the larger one's peak is the process's.
+  proc = subprocess.Popen([sys.executable, WORKER, "random", str(out),
+                           f"efficientnet_b0:{models.min_image_size('efficientnet_b0')}", "inception_resnet_v2:75"],
+                          cwd=helpers.REPO, env=helpers.ENV, stdout=subprocess.DEVNULL, stderr=log)
+  yield proc, out, log
+  if proc.poll() is None:  # A test failed before waiting for it.
+    proc.kill()
+    proc.wait()
+  log.close()
 
 
 @pytest.fixture(scope="module")
-def exported(workdir, tmp_path_factory):
-  """The run exported by the command: fp32 and int8 (--force: the demo's AUC pair is recorded either way)."""
-  out = tmp_path_factory.mktemp("exports") / "onnx"
-  proc = _python("-m", "melanoma_jax.export", f"--workdir={workdir}", "--format=onnx", f"--out={out}",
-                 "--quantize=int8", "--force")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"exported {workdir} to {out}" in proc.stdout
+def workdir(random_started, tmp_path_factory):
+  """A tiny model trained for 1 epoch on 12 patients' 75x75 synthetic lesions."""
+  del random_started  # Started first, so that it runs beside this training.
+  return helpers.train_tiny(tmp_path_factory.mktemp("onnx") / "run")
+
+
+@pytest.fixture(scope="module")
+def exports(workdir, tmp_path_factory):
+  """onnx_worker.py exports: the command's export (fp32 and int8, --force: the demo's AUC pair is recorded
+  either way) in exports/onnx, and the int8 bound no model meets, refused and forced (exports/bound.json)."""
+  out = tmp_path_factory.mktemp("exports")
+  proc = _worker("exports", workdir, out)
+  assert f"exported {workdir} to {out / 'onnx'}" in proc.stdout, proc.stdout
   return out
+
+
+@pytest.fixture(scope="module")
+def exported(exports):
+  return exports / "onnx"
 
 
 @pytest.fixture(scope="module")
@@ -92,28 +109,6 @@ def test_tiny_export_in_a_fresh_process_equals_the_jax_path(exported, trained, t
   assert _fresh_ort(exported / "model.onnx", x[:1], tmp_path).shape == (1,)
 
 
-def test_inception_resnet_v2_at_75_px_in_a_fresh_process_equals_the_jax_path(tmp_path):
-  model = models.build_model("inception_resnet_v2", kernels="xla")
-  x = np.random.default_rng(0).uniform(-1, 1, (3, 75, 75, 3)).astype(np.float32)
-  variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(0), x[:1], train=False))
-  rng = np.random.default_rng(1)  # Random BatchNorm statistics: the network's stored statistics must be used.
-  variables["batch_stats"] = {"backbone": jax.tree_util.tree_map_with_path(
-      lambda path, a: (a * rng.uniform(0.8, 1.2, a.shape) if path[-1].key == "var" else
-                       a + rng.normal(0, 0.01, a.shape)).astype(np.float32), variables["batch_stats"]["backbone"])}
-  logits = np.asarray(steps.make_predict_step(model, logits=True)(image.ModelWeights(
-      variables["params"], variables["batch_stats"]), {"x": x}), np.float64)
-  # A random network's logits barely differ: the logit layer is rescaled to spread them over (0, 1). The expected
-  # probabilities follow from the JAX logits (one compile of the network, not two).
-  logit = variables["params"]["head"]["logit"]
-  scale, bias = 2 / logits.std(), float(logit["bias"][0])
-  logit["kernel"] = (logit["kernel"] * scale).astype(np.float32)
-  logit["bias"] = np.full(1, -(logits.mean() - bias) * scale, np.float32)
-  want = 1 / (1 + np.exp(-((logits - bias) * scale + float(logit["bias"][0]))))
-  assert want.std() > 0.1, want
-  path = onnx_export.write_onnx("inception_resnet_v2", variables, 75, False, str(tmp_path / "irv2.onnx"))
-  np.testing.assert_allclose(_fresh_ort(path, x, tmp_path), want, rtol=0, atol=1e-4)
-
-
 def test_predict_with_onnx_writes_the_preds_csv_of_jax(workdir, exported, tmp_path):
   folder = tmp_path / "images"
   folder.mkdir()
@@ -123,7 +118,10 @@ def test_predict_with_onnx_writes_the_preds_csv_of_jax(workdir, exported, tmp_pa
   (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg after all")
   (folder / "anim.gif").write_bytes(b"GIF89a" + b"\0" * 32)
   assert predict_cli.command(str(workdir), str(folder), str(tmp_path / "jax.csv")) == 0
-  assert predict_cli.command("", str(folder), str(tmp_path / "onnx.csv"), engine="onnx", exported=str(exported)) == 0
+  for model, out in (("fp32", "onnx.csv"), ("int8", "int8.csv")):
+    proc = helpers.python("-m", "melanoma_jax.predict", "--engine=onnx", f"--exported={exported}",
+                          f"--onnx_model={model}", f"--images={folder}", f"--out={tmp_path / out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
   jax_rows = pd.read_csv(tmp_path / "jax.csv", keep_default_na=False)
   onnx_rows = pd.read_csv(tmp_path / "onnx.csv", keep_default_na=False)
   assert list(onnx_rows.columns) == ["image", "probability", "error"] and len(onnx_rows) == 7
@@ -133,13 +131,12 @@ def test_predict_with_onnx_writes_the_preds_csv_of_jax(workdir, exported, tmp_pa
   assert (onnx_rows.loc[~ok, "probability"] == "").all()
   np.testing.assert_allclose(onnx_rows.loc[ok, "probability"].astype(float),
                              jax_rows.loc[ok, "probability"].astype(float), rtol=0, atol=1e-4)
-  assert predict_cli.command("", str(folder), str(tmp_path / "int8.csv"), engine="onnx", exported=str(exported),
-                             onnx_model="int8") == 0
-  assert len(pd.read_csv(tmp_path / "int8.csv")) == 7
+  int8_rows = pd.read_csv(tmp_path / "int8.csv", keep_default_na=False)
+  pd.testing.assert_frame_equal(int8_rows[["image", "error"]], jax_rows[["image", "error"]])
 
 
 def _one_line(error, *fragments):
-  message = str(error.value)
+  message = str(error.value) if not isinstance(error, str) else error
   assert "\n" not in message, message
   for fragment in fragments:
     assert fragment in message, message
@@ -192,23 +189,45 @@ def test_an_edited_model_is_refused(exported, tmp_path):
   images = tmp_path / "images"
   images.mkdir()
   (images / "a.jpg").write_bytes(b"\xff\xd8\xff")
-  with pytest.raises(InputError) as e:
+  with pytest.raises(InputError) as e:  # Refused on the file's bytes, before any ONNX Runtime session.
     predict_cli.run("", str(images), str(tmp_path / "p.csv"), engine="onnx", exported=str(copy))
   _one_line(e, "model.onnx is not the file the export wrote")
 
 
-def test_int8_records_its_auc_pair_and_is_refused_past_the_bound(workdir, exported, tmp_path):
-  int8 = _record(exported)["int8"]
+def test_int8_records_its_auc_pair_and_is_refused_past_the_bound(exports):
+  int8 = _record(exports / "onnx")["int8"]
   assert int8["model"] == "model.int8.onnx" and int8["validation_images"] > 0 and int8["calibration_images"] > 0
   assert 0 <= int8["val_auc_fp32"] <= 1 and 0 <= int8["val_auc_int8"] <= 1
   assert int8["auc_drop"] == pytest.approx(int8["val_auc_fp32"] - int8["val_auc_int8"])
   assert int8["forced"] == (int8["auc_drop"] > 0.005)
-  out = tmp_path / "int8"
-  with pytest.raises(InputError) as e:  # A bound no model meets: the refusal path, with the real AUCs measured.
-    export_cli.run(str(workdir), str(out), fmt="onnx", quantize="int8", max_auc_drop=-1.0)
-  _one_line(e, "--quantize=int8: validation AUC drops from", "nothing written", "--force")
-  assert not out.exists() and not glob.glob(str(tmp_path / ".int8*"))
-  export_cli.run(str(workdir), str(out), fmt="onnx", quantize="int8", max_auc_drop=-1.0, force=True)
-  forced = _record(out)["int8"]
+  with open(exports / "bound.json", encoding="utf-8") as f:
+    bound = json.load(f)  # A bound no model meets: the refusal path, with the real AUCs measured.
+  _one_line(bound["refusal"] or "", "--quantize=int8: validation AUC drops from", "nothing written", "--force")
+  assert bound["written_after_refusal"] == ["onnx"]  # Neither the refused folder nor its temporary one.
+  forced = bound["forced"]
   assert forced["forced"] and forced["max_auc_drop"] == -1.0
   assert forced["val_auc_fp32"] == pytest.approx(int8["val_auc_fp32"], abs=1e-9)
+
+
+def _random_export_equals_the_jax_path(random_started, name, tmp_path):
+  proc, out, log = random_started
+  code = proc.wait(timeout=600)
+  log.seek(0)
+  assert code == 0, log.read()[-3000:]
+  assert not (out / f"{name}.error.txt").exists(), (out / f"{name}.error.txt").read_text()[-3000:]
+  want = np.load(out / f"{name}.want.npy")
+  assert want.std() > 0.1, want  # The probabilities differ between the images: the comparison means something.
+  np.testing.assert_allclose(_fresh_ort(out / f"{name}.onnx", np.load(out / f"{name}.x.npy"), tmp_path), want,
+                             rtol=0, atol=1e-4)
+
+
+def test_inception_resnet_v2_at_75_px_in_a_fresh_process_equals_the_jax_path(random_started, tmp_path):
+  _random_export_equals_the_jax_path(random_started, "inception_resnet_v2", tmp_path)
+
+
+def test_efficientnet_b0_at_its_smallest_size_in_a_fresh_process_equals_the_jax_path(random_started, tmp_path):
+  _random_export_equals_the_jax_path(random_started, "efficientnet_b0", tmp_path)
+
+
+def test_this_process_never_loaded_an_exporter_or_onnx_runtime():
+  assert not {"tf2onnx", "onnxruntime", "onnx"} & set(sys.modules)
