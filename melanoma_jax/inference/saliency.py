@@ -2,7 +2,7 @@
 
 Both run through the Flax model itself (inference mode), with JAX's gradients:
 * Grad-CAM (Selvaraju et al. 2017): the model's last feature map A (sown as intermediates/.../feature_map by
-  `inception_resnet_v2.feature_map_hooks`) and d logit / d A, read as the gradient of the zero perturbation
+  `backbone_io.feature_map_hooks`) and d logit / d A, read as the gradient of the zero perturbation
   the same hook adds (Flax's `perturb`); channel weights are the spatial means of that gradient, the map is
   relu(sum_c w_c A_c), bilinearly upsampled to the image. Its resolution is the feature map's: 1x1 for
   InceptionResNetV2 at 75x75, 8x8 at 299x299, so saliency needs images of about 299 pixels or more.

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from melanoma_jax.models.conv import SpatialConv
-from melanoma_jax.models.inception_resnet_v2 import feature_map_hooks
+from melanoma_jax.models.backbone_io import feature_map_hooks
 from melanoma_jax.models.kernels import Kernels
 
 
