@@ -4,6 +4,7 @@ Most runs use config.model.name=tiny (the machinery at a fraction of the compile
 real InceptionResNetV2 classifier for a few steps.
 """
 import json
+import logging
 import os
 import shutil
 import signal
@@ -147,8 +148,14 @@ def test_a_run_killed_inside_a_checkpoint_save_resumes_to_the_same_result(uninte
 def test_rerun_of_a_finished_run_does_not_train_again(uninterrupted, data_dir, caplog):
   workdir, _ = uninterrupted
   before = json.loads((workdir / "results.json").read_text())
-  with caplog.at_level("INFO"):
-    results = image.train(_config(data_dir), str(workdir))
+  # On absl's logger itself too: a test that ran absl's app in this process can leave it not propagating.
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(caplog.handler)
+  try:
+    with caplog.at_level("INFO", logger="absl"):
+      results = image.train(_config(data_dir), str(workdir))
+  finally:
+    absl_logger.removeHandler(caplog.handler)
   assert "training already finished" in caplog.text
   assert results["history"] == before["history"] and results["steps"] == before["steps"]
 

@@ -16,12 +16,16 @@ from melanoma_jax.training import steps
 from melanoma_jax.utils.errors import InputError
 
 OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("seed", "warmup_cosine")
+TTA_VIEWS = (1, 2, 3, 8)  # steps.tta_views: none, + horizontal flip, + vertical flip, all flips x transpose.
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-  """The `config.optimizer` section in plain values: Adam(W) on the seed's schedule (`learning_rate_schedule`)."""
+  """The `config.optimizer` section in plain values: Adam(W) on a schedule (`learning_rate_schedule`)."""
   name: str  # One of OPTIMIZERS.
+  schedule: str  # One of SCHEDULES.
+  num_epochs: int  # The run's; warmup_cosine reaches zero at its end.
   lr_start: float
   lr_max: float
   lr_min: float
@@ -47,7 +51,7 @@ class ImageRun:
   seed: int
   log_every_steps: int
   checkpoints_to_keep: int
-  tta: bool
+  tta: int  # Views averaged at prediction (TTA_VIEWS).
   label_smoothing: float
   class_weights: Optional[tuple]  # None: N / (2 N_c) of the oversampled training stream.
   model_name: str
@@ -93,6 +97,15 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
          f"config.oversample_share={config.oversample_share} must be in [0, 1)")
   _check(config.optimizer.name in OPTIMIZERS,
          f"config.optimizer.name={config.optimizer.name!r} must be one of {', '.join(OPTIMIZERS)}")
+  schedule = config.optimizer.get("schedule", "seed")
+  _check(schedule in SCHEDULES,
+         f"config.optimizer.schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
+  _check(schedule != "warmup_cosine" or 0 <= float(config.optimizer.warmup_epochs) < int(config.num_epochs),
+         f"config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} must be in [0, config.num_epochs="
+         f"{config.num_epochs}) for the warmup_cosine schedule")
+  tta = tta_views(config.tta)
+  _check(tta is not None, f"config.tta={config.tta!r} must be True, False or a number of views in "
+         f"{', '.join(map(str, TTA_VIEWS))}")
   _check(config.class_weights is None or len(config.class_weights) == 2,
          f"config.class_weights={config.class_weights} must be None or (w_benign, w_malignant)")
   augment = None
@@ -108,7 +121,7 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
       num_epochs=int(config.num_epochs),
       freeze_backbone_epochs=int(config.freeze_backbone_epochs), num_folds=int(config.num_folds),
       fold=int(config.fold), seed=int(config.seed), log_every_steps=int(config.log_every_steps),
-      checkpoints_to_keep=int(config.checkpoints_to_keep), tta=bool(config.tta),
+      checkpoints_to_keep=int(config.checkpoints_to_keep), tta=tta,
       label_smoothing=float(config.label_smoothing),
       class_weights=None if config.class_weights is None else tuple(float(w) for w in config.class_weights),
       model_name=name, model_kwargs=model_kwargs,
@@ -118,11 +131,22 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
                        "max_steps_per_epoch": int(config.max_steps_per_epoch),
                        "skip_corrupt": bool(config.skip_corrupt), "augment": augment},
       init_weights=config.model.init_weights, synthetic_kwargs=_synthetic_kwargs(config),
-      optimizer=Optimizer(name=config.optimizer.name, lr_start=float(config.optimizer.lr_start),
+      optimizer=Optimizer(name=config.optimizer.name, schedule=schedule, num_epochs=int(config.num_epochs),
+                          lr_start=float(config.optimizer.lr_start),
                           lr_max=float(config.optimizer.lr_max), lr_min=float(config.optimizer.lr_min),
                           warmup_epochs=float(config.optimizer.warmup_epochs), decay=float(config.optimizer.decay),
                           weight_decay=float(config.optimizer.weight_decay),
                           grad_clip_norm=float(config.optimizer.grad_clip_norm or 0.0)))
+
+
+def tta_views(value) -> Optional[int]:
+  """The number of TTA views of a `config.tta` value: True is the flips runs recorded before views could be
+  counted (3), False one view; a number must be one of TTA_VIEWS. None for anything else."""
+  if isinstance(value, bool):
+    return 3 if value else 1
+  if isinstance(value, int) and value in TTA_VIEWS:
+    return value
+  return None
 
 
 def _synthetic_kwargs(config):
@@ -138,8 +162,18 @@ def _synthetic_kwargs(config):
 
 
 def learning_rate_schedule(opt, steps_per_epoch):
-  """The seed's schedule: linear ramp over warmup_epochs, then exponential decay per epoch to lr_min."""
+  """The learning rate at a step of `opt.schedule`, both starting with a linear ramp lr_start -> lr_max
+  over warmup_epochs:
+
+  "seed": then exponential decay per epoch (lr *= decay) towards lr_min, as the seed notebook;
+  "warmup_cosine": then cosine decay to zero at the end of the run (optax's), as the 1st-place SIIM-ISIC
+  solution trained.
+  """
   warmup = float(opt.warmup_epochs)
+  if opt.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=opt.lr_start, peak_value=opt.lr_max, warmup_steps=int(round(warmup * steps_per_epoch)),
+        decay_steps=int(opt.num_epochs * steps_per_epoch), end_value=0.0)
 
   def schedule(step):
     epoch = step / steps_per_epoch

@@ -239,7 +239,7 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
     clinical.write_report(workdir, clinical.with_context(oof, split.val_df), {"image": "prediction"}, title)
   report_path = os.path.join(workdir, "report.html")
   logging.info("best checkpoint (epoch %d): validation AUC %.4f%s; wrote %s, %s, %s", epoch, auc,
-               " with flip TTA" if run.tta else "", submission_path, oof_path, roc_path)
+               f" with TTA over {run.tta} views" if run.tta > 1 else "", submission_path, oof_path, roc_path)
   return {"submission": submission_path, "oof": oof_path, "roc": roc_path, "report": report_path,
           "scores": os.path.join(workdir, trained_lib.SCORES), "predict_val_auc": auc, "tta": run.tta,
           "checkpoint": {"step": scores.checkpoint_step, "epoch": int(epoch), "fold": run.fold}}

@@ -123,7 +123,7 @@ class TrainedModel:
   @property
   def description(self):
     return (f"{self.run.model_name} {self.image_size}x{self.image_size}, best checkpoint of epoch {self.epoch} "
-            f"(step {self.checkpoint_step}){', flip TTA' if self.tta else ''}")
+            f"(step {self.checkpoint_step}){f', TTA over {self.tta} views' if self.tta > 1 else ''}")
 
   def predict_step(self, embeddings=False):
     """The compiled predict step (one per choice, built on first use)."""
@@ -151,10 +151,11 @@ def checkpointer(run, workdir):
                                      max_to_keep=run.checkpoints_to_keep)
 
 
-def recorded_run(workdir, tta: Optional[bool] = None) -> setup.ImageRun:
-  """The resolved run `workdir` recorded (`tta` None: its own setting), its batch filling this machine's
-  devices whatever split of the global batch training used."""
-  config = identity.recorded_config(workdir, None if tta is None else {"tta": bool(tta)})
+def recorded_run(workdir, tta: Optional[int] = None) -> setup.ImageRun:
+  """The resolved run `workdir` recorded (`tta` None: its own setting, else a number of views as
+  `config.tta` takes it), its batch filling this machine's devices whatever split of the global batch
+  training used."""
+  config = identity.recorded_config(workdir, None if tta is None else {"tta": tta})
   config.global_batch_size = 0
   try:
     return setup.resolve(config)
@@ -173,7 +174,7 @@ def unfinished_reason(workdir, latest_meta, num_epochs):
   return ""
 
 
-def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[bool] = None) -> TrainedModel:
+def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[int] = None) -> TrainedModel:
   """The TrainedModel of the best checkpoint in `workdir` (`run` None: the run it recorded, see
   `recorded_run`); one-line InputError when there is none."""
   run = run or recorded_run(workdir, tta)
@@ -207,7 +208,7 @@ class RunScores:
   """What an image run's prediction scored (WORKDIR/scores.npz): the validation fold and the test images,
   with the checkpoint step and TTA setting they came from."""
   checkpoint_step: int
-  tta: bool
+  tta: int  # Views.
   val: Scores
   test: Scores
 
@@ -215,7 +216,7 @@ class RunScores:
     """Writes WORKDIR/scores.npz atomically (process 0; every process holds the same scores)."""
     if not distributed.is_primary():
       return
-    arrays = {"checkpoint_step": np.int64(self.checkpoint_step), "tta": np.bool_(self.tta)}
+    arrays = {"checkpoint_step": np.int64(self.checkpoint_step), "tta": np.int64(self.tta)}
     for split, scores in (("val", self.val), ("test", self.test)):
       arrays.update({f"{split}_names": np.asarray(scores.names, str), f"{split}_targets": scores.targets,
                      f"{split}_probabilities": scores.probabilities, f"{split}_embeddings": scores.embeddings})
@@ -228,13 +229,13 @@ def load_scores(workdir, checkpoint_step=None, tta=None) -> Optional[RunScores]:
   setting than those given."""
   try:
     with np.load(os.path.join(workdir, SCORES), allow_pickle=False) as saved:
-      scores = RunScores(int(saved["checkpoint_step"]), bool(saved["tta"]), *(
+      scores = RunScores(int(saved["checkpoint_step"]), setup.tta_views(saved["tta"].item()), *(
           Scores(saved[f"{s}_probabilities"], saved[f"{s}_embeddings"], saved[f"{s}_names"].tolist(),
                  saved[f"{s}_targets"]) for s in ("val", "test")))
   except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
     return None
   if checkpoint_step is not None and scores.checkpoint_step != checkpoint_step:
     return None
-  if tta is not None and scores.tta != bool(tta):
+  if tta is not None and scores.tta != setup.tta_views(tta):
     return None
   return scores

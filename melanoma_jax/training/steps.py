@@ -82,14 +82,29 @@ def make_train_step(model, class_weights, label_smoothing=0.0, frozen_backbone=F
   return train_step
 
 
+def tta_views(x, count):
+  """The `count` TTA views of NHWC images `x`: 1 the images, 2 with the horizontal flip, 3 with the
+  vertical flip too, 8 every flip and transpose of the square (the dihedral group: a lesion photo has no
+  up, down or handedness). `count` True/False are 3/1, as runs recorded them before views were counted."""
+  count = (3 if count else 1) if isinstance(count, bool) else int(count)
+  flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+  if count in (1, 2, 3):
+    return flips[:count]
+  if count == 8:
+    if x.shape[1] != x.shape[2]:
+      raise ValueError(f"8-view TTA transposes the image, which needs it square; got {x.shape[1:3]}")
+    return flips + [jnp.swapaxes(v, 1, 2) for v in flips]
+  raise ValueError(f"tta={count!r}: the number of views must be 1, 2, 3 or 8")
+
+
 def make_predict_step(model, tta=False, logits=False, embeddings=False):
   """predict_step(state, batch) -> float32 [per_device] of one device's shard, inference mode.
 
-  Probabilities (the mean over the image and its two flips when `tta`), or raw logits (`logits`, no TTA).
+  Probabilities (the mean over the `tta_views(x, tta)` views), or raw logits (`logits`, one view only).
   `embeddings`: [per_device, 1 + F] instead, the probability then the model's pooled backbone features
   (its sown intermediates/embedding), both averaged over the TTA views.
   """
-  if logits and tta:
+  if logits and tta not in (False, 1):
     raise ValueError("logits are not averaged over TTA views")
 
   def apply(variables, x):
@@ -101,8 +116,7 @@ def make_predict_step(model, tta=False, logits=False, embeddings=False):
   def predict_step(state, batch):
     x = batch["x"]
     variables = model_variables(state)
-    views = [x, x[:, :, ::-1], x[:, ::-1]] if tta else [x]
-    outs = [apply(variables, v) for v in views]
+    outs = [apply(variables, v) for v in tta_views(x, tta)]
     first = sum((o if logits else jax.nn.sigmoid(o)) for o, _ in outs) / len(outs)
     if not embeddings:
       return first
