@@ -84,6 +84,10 @@ def get_config():
   # default since its first runs, recorded as True by runs before views were counted), 8 (every flip and
   # transpose, the 1st-place solution's).
   config.tta = 3
+  # "melanoma": one malignant logit (the seed's); "diagnosis": a softmax over the ISIC 2019 classes (MEL,
+  # NV, BCC, AK, BKL, DF, VASC, SCC, UNK; 2020's diagnoses mapped onto them, data/diagnosis.py) with a
+  # class weight each, read as p(MEL) everywhere a probability is used (the 1st place's target).
+  config.target = "melanoma"
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_patients = 0  # Patients of the real metadata to draw (0 = the generator's default).

@@ -381,3 +381,29 @@ def test_a_prediction_that_fails_half_way_leaves_the_previous_outputs_whole(data
   with pytest.raises(InputError, match=rf"data of this run changed since it was recorded: {shard.name} "):
     image.predict(config, str(workdir))
   assert {name: (workdir / name).stat().st_mtime_ns for name in outputs} == before
+
+def test_diagnosis_target_trains_a_softmax_and_reports_its_melanoma_probability(data_dir, tmp_path):
+  """config.target=diagnosis: a softmax over the ISIC 2019 classes with a weight per class; oof.csv holds
+  every class's probability, and `prediction`, the report and the submission are p(MEL)."""
+  from melanoma_jax.data import diagnosis  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "diagnosis")
+  results = image.train(_config(data_dir, num_epochs=1, target="diagnosis", tta=8), workdir)
+  oof = pd.read_csv(os.path.join(workdir, "oof.csv"))
+  columns = diagnosis.class_columns()
+  assert columns[0] == "p_MEL" and set(columns) <= set(oof.columns)
+  np.testing.assert_allclose(oof[columns].sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(oof["prediction"], oof["p_MEL"], rtol=1e-6)
+  assert results["outputs"]["predict_val_auc"] == pytest.approx(
+      sk_metrics.roc_auc_score(oof["target"], oof["p_MEL"]))
+  report = json.loads(open(os.path.join(workdir, "report.json")).read())
+  assert report["stages"]["image"]["column"] == "prediction"
+  assert report["stages"]["image"]["auc"] == pytest.approx(results["outputs"]["predict_val_auc"], abs=1e-9)
+  submission = pd.read_csv(os.path.join(workdir, "submission.csv"))
+  assert submission["target"].between(0, 1).all() and results["outputs"]["tta"] == 8
+  # The one seam scores through the same head: the melanoma probability, the classes with embeddings.
+  from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  trained = loading.load_predictor(workdir)
+  x = np.zeros((3, 75, 75, 3), np.float32)
+  scores = trained.score(x, embeddings=True)
+  assert scores.classes.shape == (3, len(diagnosis.CLASSES))
+  np.testing.assert_allclose(scores.probabilities, scores.classes[:, 0], rtol=1e-5)

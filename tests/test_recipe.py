@@ -94,3 +94,43 @@ def test_scores_saved_before_views_were_counted_still_match(tmp_path):
   assert trained.load_scores(str(tmp_path), 7, 3).tta == 3
   assert trained.load_scores(str(tmp_path), 7, True) is not None
   assert trained.load_scores(str(tmp_path), 7, 8) is None
+
+
+def test_2020_diagnoses_map_onto_the_2019_classes_and_the_target_decides_melanoma():
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.data import diagnosis  # pylint: disable=g-import-not-at-top
+  table = pd.DataFrame({
+      "diagnosis": ["melanoma", "nevus", "seborrheic keratosis", "lichenoid keratosis", "solar lentigo",
+                    "lentigo NOS", "cafe-au-lait macule", "atypical melanocytic proliferation", "unknown", None,
+                    "unknown", "melanoma"],
+      "target": [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]})
+  got = [diagnosis.CLASSES[i] for i in diagnosis.labels_2020(table)]
+  assert got == ["MEL", "NV", "BKL", "BKL", "BKL", "BKL", "UNK", "UNK", "UNK", "UNK", "MEL", "UNK"]
+  with pytest.raises(InputError, match="x.csv: config.target=diagnosis needs a 'diagnosis' column"):
+    diagnosis.labels_2020(table.drop(columns="diagnosis"), "x.csv")
+
+
+def test_softmax_loss_weights_and_the_melanoma_log_odds():
+  from melanoma_jax import models  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.training import losses  # pylint: disable=g-import-not-at-top
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
+  labels = jnp.asarray([0, 1, 2, 3, 0])
+  weights = (2.0, 1.0, 0.5, 3.0)
+  want = [-weights[c] * float(jax.nn.log_softmax(logits[i])[c]) for i, c in enumerate(labels.tolist())]
+  np.testing.assert_allclose(losses.weighted_softmax_terms(logits, labels, weights), want, rtol=1e-5)
+  p = jax.nn.softmax(logits)[:, 0]
+  np.testing.assert_allclose(models.melanoma_probability(logits), p, rtol=1e-6)
+  np.testing.assert_allclose(models.melanoma_logit(logits), np.log(p / (1 - p)), rtol=1e-4)
+  one = logits[:, 0]
+  np.testing.assert_allclose(models.melanoma_probability(one), jax.nn.sigmoid(one), rtol=1e-6)
+  # Stream weights: each present class carries 1/K of the weight; an absent class gets 1.
+  shares = np.array([0.25, 0.5, 0.0, 0.25])
+  w = losses.stream_class_weights(shares)
+  assert w[2] == 1.0 and np.allclose(np.array(w)[[0, 1, 3]] * shares[[0, 1, 3]], 1 / 3)
+
+
+def test_the_winners_config_resolves_to_its_recipe():
+  from configs import winners  # pylint: disable=g-import-not-at-top
+  run = setup.resolve(winners.get_config(), num_devices=8, processes=(0, 1))
+  assert (run.model_name, run.image_size, run.target, run.tta) == ("efficientnet_b3", 512, "diagnosis", 8)
+  assert run.model_kwargs["num_classes"] == 9 and run.optimizer.schedule == "warmup_cosine"

@@ -66,7 +66,8 @@ def scale_for_inception(image):
 class ImagePipeline:
   """Builds the train / eval / predict datasets of one fold split.
 
-  `train_names`, `val_names`: image names of the two sides of the split; `targets`: {image_name: 0/1}.
+  `train_names`, `val_names`: image names of the two sides of the split; `targets`: {image_name: 0/1};
+  `labels` (a diagnosis target): {image_name: class index}, given to training batches as 'label'.
   `global_batch` rows per step, split over `num_devices`; `oversample_share`: malignant share of the
   training stream (0: the natural rate); `max_steps_per_epoch` > 0 caps an epoch; `skip_corrupt` drops
   undecodable images instead of stopping; `augment` None: no training augmentation.
@@ -77,7 +78,7 @@ class ImagePipeline:
   def __init__(self, train_files, test_files, targets, train_names, val_names, *, image_size: int,
                global_batch: int, num_devices: int, oversample_share: float = 0.0,
                max_steps_per_epoch: int = 0, skip_corrupt: bool = False, augment: Optional[Augment] = None,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, labels: Optional[dict] = None):
     self.train_files = list(train_files)
     self.test_files = list(test_files)
     self.image_size = int(image_size)
@@ -105,6 +106,7 @@ class ImagePipeline:
     side = [0] * len(self.train_names) + [1] * len(self.val_names)
     self._side = _lookup(names, side, -1)
     self._target = _lookup(names, [self._targets[n] for n in names], -1)
+    self._label = None if labels is None else _lookup(names, [int(labels[n]) for n in names], -1)
     self._val_owner = _lookup(self.val_names, [eval_owner(i, self.process_count)
                                                for i in range(len(self.val_names))], -1)
 
@@ -165,8 +167,11 @@ class ImagePipeline:
     image = decode_image(record["image"], self.image_size)
     if self.augment is not None:
       image = augment(image, tf().cast(seed, tf().int64), self.augment)
-    return {"x": scale_for_inception(image), "y": tf().cast(record["target"], tf().float32),
-            "mask": tf().ones([], tf().float32), "image_name": record["image_name"]}
+    example = {"x": scale_for_inception(image), "y": tf().cast(record["target"], tf().float32),
+               "mask": tf().ones([], tf().float32), "image_name": record["image_name"]}
+    if self._label is not None:
+      example["label"] = tf().cast(self._label.lookup(record["image_name"]), tf().int32)
+    return example
 
   # ------------------------------------------------------------------------------------------ evaluation
   def _eval_example(self, record):

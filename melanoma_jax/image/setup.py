@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import optax
 
 from melanoma_jax import models
+from melanoma_jax.data import diagnosis
 from melanoma_jax.data import pipeline as pipeline_lib
 from melanoma_jax.training import steps
 from melanoma_jax.utils.errors import InputError
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("seed", "warmup_cosine")
+TARGETS = ("melanoma", "diagnosis")  # One malignant logit, or a softmax over data.diagnosis.CLASSES.
 TTA_VIEWS = (1, 2, 3, 8)  # steps.tta_views: none, + horizontal flip, + vertical flip, all flips x transpose.
 
 
@@ -52,6 +54,7 @@ class ImageRun:
   log_every_steps: int
   checkpoints_to_keep: int
   tta: int  # Views averaged at prediction (TTA_VIEWS).
+  target: str  # One of TARGETS.
   label_smoothing: float
   class_weights: Optional[tuple]  # None: N / (2 N_c) of the oversampled training stream.
   model_name: str
@@ -106,13 +109,23 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
   tta = tta_views(config.tta)
   _check(tta is not None, f"config.tta={config.tta!r} must be True, False or a number of views in "
          f"{', '.join(map(str, TTA_VIEWS))}")
-  _check(config.class_weights is None or len(config.class_weights) == 2,
-         f"config.class_weights={config.class_weights} must be None or (w_benign, w_malignant)")
+  target = config.get("target", "melanoma")
+  _check(target in TARGETS, f"config.target={target!r} must be one of {', '.join(TARGETS)}")
+  classes = len(diagnosis.CLASSES) if target == "diagnosis" else 1
+  if target == "diagnosis":
+    _check(config.class_weights is None or len(config.class_weights) == classes,
+           f"config.class_weights={config.class_weights} must be None or one weight per class of "
+           f"{', '.join(diagnosis.CLASSES)}")
+  else:
+    _check(config.class_weights is None or len(config.class_weights) == 2,
+           f"config.class_weights={config.class_weights} must be None or (w_benign, w_malignant)")
   augment = None
   if config.augment.enabled:
     augment = pipeline_lib.Augment(**{k: v for k, v in config.augment.items() if k != "enabled"})
   model_kwargs = {"dtype": config.model.dtype, "dropout_rate": float(config.model.dropout_rate),
                   "kernels": config.model.kernels}
+  if classes > 1:  # Only then: a one-logit model keeps the arguments it always had.
+    model_kwargs["num_classes"] = classes
   if name in models.CLASSIFIERS:
     model_kwargs.update(head_sizes=tuple(config.model.head_sizes), remat=bool(config.model.remat))
   return ImageRun(
@@ -121,7 +134,7 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
       num_epochs=int(config.num_epochs),
       freeze_backbone_epochs=int(config.freeze_backbone_epochs), num_folds=int(config.num_folds),
       fold=int(config.fold), seed=int(config.seed), log_every_steps=int(config.log_every_steps),
-      checkpoints_to_keep=int(config.checkpoints_to_keep), tta=tta,
+      checkpoints_to_keep=int(config.checkpoints_to_keep), tta=tta, target=target,
       label_smoothing=float(config.label_smoothing),
       class_weights=None if config.class_weights is None else tuple(float(w) for w in config.class_weights),
       model_name=name, model_kwargs=model_kwargs,

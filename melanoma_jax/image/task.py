@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
+from melanoma_jax.data import diagnosis
 from melanoma_jax.evaluation import clinical, metrics, roc
 from melanoma_jax.image import data as data_lib
 from melanoma_jax.image import setup
@@ -143,10 +144,14 @@ def train(config, workdir, start_time=None):
 def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded):
   """The fit loop of the run: (meta of its last checkpoint, steps, training images/s). Every checkpoint's
   meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`."""
-  weights = data_lib.stream_class_weights(run, pipeline)
+  labels = data_lib.labels_of(run, data)
+  weights = data_lib.stream_class_weights(
+      run, pipeline, None if labels is None else [labels[n] for n in split.train_df["image_name"]])
   logging.info("global batch %d on %d device(s) of %d process(es), %d steps/epoch, malignant share of the stream "
-               "%.3f, class weights %.3f / %.3f", run.global_batch, run.num_devices, run.process_count,
-               pipeline.steps_per_epoch, pipeline.positive_share(), *weights)
+               "%.3f, class weights %s", run.global_batch, run.num_devices, run.process_count,
+               pipeline.steps_per_epoch, pipeline.positive_share(), " / ".join(f"{w:.3f}" for w in weights))
+  # The validation loss is the binary one of p(melanoma); a diagnosis target's weights are per class.
+  binary_weights = weights if run.target != "diagnosis" else (1.0, 1.0)
   model = run.build_model()
   tx, schedule = setup.build_optimizer(run.optimizer, pipeline.steps_per_epoch)
   state = initial_state(run, model, tx, jax.random.PRNGKey(run.seed))
@@ -160,7 +165,7 @@ def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded):
   def evaluate(state):
     scores = trained_lib.score_split(p_predict, state, pipeline, pipeline.val_dataset(), data.train_files,
                                      list(split.val_df["image_name"]), "the validation fold")
-    return validation_metrics(scores.targets, scores.probabilities, weights)
+    return validation_metrics(scores.targets, scores.probabilities, binary_weights)
 
   plan = loop.Plan(num_epochs=run.num_epochs, steps_per_epoch=pipeline.steps_per_epoch,
                    global_batch=run.global_batch, log_every_steps=run.log_every_steps, monitor="val_auc")
@@ -220,6 +225,9 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
   by_name = split.val_df.set_index("image_name")
   oof = pd.DataFrame({"image_name": names, "patient_id": by_name.loc[names, "patient_id"].to_numpy(),
                       "target": targets.astype(int), "prediction": probs, "fold": run.fold})
+  if scores.val.classes is not None:  # A diagnosis target: each class's probability; prediction is p_MEL.
+    for column, values in zip(diagnosis.class_columns(), scores.val.classes.T):
+      oof[column] = values
   submission = pd.DataFrame({"image_name": test_names, "target": test_probs})
   submission = submission.set_index("image_name").reindex(data.test_df["image_name"])
   skipped = submission["target"].isna()

@@ -45,6 +45,7 @@ MAY_CHANGE = {
 ADDED = {
     "synthetic.generator": "dermoscopy",  # Another generator also changes the data digest (its record files).
     "optimizer.schedule": "seed",
+    "target": "melanoma",
 }
 
 
