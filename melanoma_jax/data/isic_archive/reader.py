@@ -9,7 +9,6 @@
 import os
 
 from melanoma_jax.data import pipeline
-from melanoma_jax.data.isic_archive import download
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
 
@@ -59,7 +58,3 @@ def load(directory, split="train", *, image_size=None, process_index=0, process_
                 num_parallel_calls=tf().data.AUTOTUNE)
   return ds
 
-
-def class_names():
-  """The diagnosis classes, in the order of the `diagnosis` index."""
-  return download.CLASSES
