@@ -9,6 +9,7 @@ import sys
 from melanoma_jax.data.isic_archive import builder as builder_lib
 from melanoma_jax.data.isic_archive import dedup
 from melanoma_jax.data.isic_archive import download
+from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
 
@@ -26,7 +27,14 @@ def build(year, image_size, manual_dir, data_dir, exclude_2020=None):
   ds_builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   directory = os.fspath(ds_builder.data_dir)
-  return directory, dict(tfds.builder_from_directory(directory).info.metadata)["duplicates"]
+  report = dict(tfds.builder_from_directory(directory).info.metadata)["duplicates"]
+  # TFDS reuses a built set whatever it was built with: one left out another 2020 table is not this one.
+  _, wanted = dedup.ids_2020(exclude_2020)
+  if report["excluded"]["in_2020"].get("source_sha256") != files.sha256(wanted):
+    raise InputError(f"{directory}: already built leaving out the ids of another 2020 table "
+                     f"({report['excluded']['in_2020'].get('source')}, not {wanted}); remove it or choose "
+                     "another --data_dir")
+  return directory, report
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import pandas as pd
 
 from melanoma_jax.data import metadata
 from melanoma_jax.data.isic_archive import download
+from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
 
 MAX_LISTED = 10  # Ids named in a report per reason; the count is always whole.
@@ -28,7 +29,7 @@ def ids_2020(path=None):
     names = pd.read_csv(path, usecols=["image_name"], dtype=str)["image_name"]
   except ValueError as e:  # pandas: usecols names a column the file lacks, or the file is not a CSV.
     raise InputError(f"{path}: not a 2020 training table with an image_name column ({str(e).splitlines()[0]})") from None
-  return set(names.dropna().str.strip()), path
+  return set(names.dropna().str.strip()), os.path.abspath(path)
 
 
 def _entry(ids, **extra):
@@ -43,7 +44,7 @@ def deduplicate(table, year, manual_dir, exclude_2020=None):
   excluded_2020 = ids & in_2020
   report = {"year": int(year), "listed": len(table),
             "without_metadata": int(table.attrs.get("without_metadata", 0)),
-            "excluded": {"in_2020": _entry(excluded_2020, source=source)}}
+            "excluded": {"in_2020": _entry(excluded_2020, source=source, source_sha256=files.sha256(source))}}
   leave_out = set(excluded_2020)
   other = 2019 if int(year) == 2018 else 2018
   other_ids = download.listed_ids(manual_dir, other)
