@@ -4,6 +4,8 @@ import io
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -169,6 +171,17 @@ def test_rebuild_reuses_and_reports(downloads, built):
   directory = _directory(built, 2019)
   status, out, _ = _run(_argv(2019, folder, os.path.dirname(os.path.dirname(os.path.dirname(directory)))))
   assert status == 0 and out[-1] == directory and "22 of 24" in out[0]
+
+
+def test_python_m_command_prints_the_directory_last(downloads, built):
+  # One run in a fresh process (the other tests call command.main in this one, for time): the module's wiring.
+  folder, _ = downloads
+  directory = _directory(built, 2018)
+  data_dir = os.path.dirname(os.path.dirname(os.path.dirname(directory)))
+  done = subprocess.run([sys.executable, "-m", "melanoma_jax.data.isic_archive", *_argv(2018, folder, data_dir)],
+                        capture_output=True, text=True, check=False, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.splitlines()[-1] == directory
 
 
 def test_exclude_2020_option_and_2018_alone(downloads, tmp_path):

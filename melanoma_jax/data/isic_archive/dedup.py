@@ -28,7 +28,8 @@ def ids_2020(path=None):
   try:
     names = pd.read_csv(path, usecols=["image_name"], dtype=str)["image_name"]
   except ValueError as e:  # pandas: usecols names a column the file lacks, or the file is not a CSV.
-    raise InputError(f"{path}: not a 2020 training table with an image_name column ({str(e).splitlines()[0]})") from None
+    raise InputError(f"{path}: not a 2020 training table with an image_name column "
+                     f"({str(e).splitlines()[0]})") from None
   return set(names.dropna().str.strip()), os.path.abspath(path)
 
 
