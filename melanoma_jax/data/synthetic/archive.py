@@ -15,7 +15,6 @@ import dataclasses
 import os
 import shutil
 
-import numpy as np
 import pandas as pd
 
 from melanoma_jax.data import metadata
@@ -107,7 +106,9 @@ def _metadata_row(seed, year, image_id, index):
 
 
 def write_archive(out_dir, year=2019, num_images=24, seed=0, image_size=64, num_overlap=3, num_in_2020=2):
-  """Writes one year's synthetic download into out_dir (created if needed); returns a summary dict.
+  """Writes one year's synthetic download into out_dir (created if needed); returns a summary dict whose
+  `classes` is {ISIC id: class of the isic_archive CLASSES (2018's AKIEC as AK)}. `num_in_2020` is 2019's
+  only; `num_overlap` is 2018's (at most 7: 2019's first classes, all of which 2018 has).
 
   Refuses (InputError) to write over any of the year's files already in out_dir. Everything is written in
   a scratch folder inside out_dir first and moved into place, the ground-truth CSV last, so a killed run
