@@ -88,6 +88,9 @@ def get_config():
   # NV, BCC, AK, BKL, DF, VASC, SCC, UNK; 2020's diagnoses mapped onto them, data/diagnosis.py) with a
   # class weight each, read as p(MEL) everywhere a probability is used (the 1st place's target).
   config.target = "melanoma"
+  # Built ISIC archive sets (`python -m melanoma_jax.data.isic_archive` prints each one's directory),
+  # comma-separated, added to every fold's training images only; "" = none.
+  config.extra_data = ""
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_patients = 0  # Patients of the real metadata to draw (0 = the generator's default).

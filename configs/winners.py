@@ -5,11 +5,12 @@ p(MEL), Adam at 3e-5 after one warm-up epoch then cosine to zero, 15 epochs, the
 at prediction. The write-up's figures (its ensemble: CV AUC 0.960, private LB 0.949; about +0.01 AUC from
 the diagnosis target, +0.03 from the 2019 archive, 0.02 lost without the warm-up, in an independent re-run)
 need the real images and the ISIC 2019 archive; neither is offline here, so this project reproduces none
-of them yet. External data
-(`extra_data`) is not wired into training yet; this recipe trains on the 2020 images alone until it is.
+of them yet. Build the 2019 set first (docs/data.md), then pass the directory the build printed:
 
-  python main.py --config=configs/winners.py --workdir=runs/b3_512 \
-      --config.data_dir=melanoma-512x512 --config.model.init_weights=imagenet
+  python -m melanoma_jax.data.isic_archive --year=2019 --image_size=512 --manual_dir=downloads \
+      --data_dir=tfds_data
+  python main.py --config=configs/winners.py --workdir=runs/b3_512 --config.data_dir=melanoma-512x512 \
+      --config.extra_data=tfds_data/isic_archive/2019_512/1.0.0
 """
 from configs import image
 

@@ -407,3 +407,74 @@ def test_diagnosis_target_trains_a_softmax_and_reports_its_melanoma_probability(
   scores = trained.score(x, embeddings=True)
   assert scores.classes.shape == (3, len(diagnosis.CLASSES))
   np.testing.assert_allclose(scores.probabilities, scores.classes[:, 0], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def archive_2019(tmp_path_factory):
+  """A synthetic ISIC 2019 download built into a TFDS set (two of its ids taken from 2020: left out)."""
+  from melanoma_jax.data import isic_archive  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("archive")
+  synthetic.write_archive(str(root / "downloads"), year=2019, num_images=24, seed=0, image_size=64)
+  directory, _ = isic_archive.build(2019, 75, str(root / "downloads"), str(root / "tfds"))
+  return directory
+
+
+def test_external_data_joins_the_training_stream_only(data_dir, archive_2019, tmp_path):
+  """config.extra_data: the archive's images are read in training (counted in results.json) and weigh in the
+  class weights; validation, oof.csv and the submission stay 2020-only."""
+  from melanoma_jax.data import isic_archive  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "extra")
+  reads = logging.getLogger("melanoma_jax.image.reads")
+  handler = _Collect()
+  reads.addHandler(handler)
+  reads.setLevel(logging.DEBUG)
+  try:
+    results = image.train(_config(data_dir, num_epochs=1, extra_data=archive_2019, target="diagnosis"), workdir)
+  finally:
+    reads.removeHandler(handler)
+    reads.setLevel(logging.NOTSET)
+  archive_names = set(isic_archive.load(archive_2019).map(lambda r: r["image_name"]).as_numpy_iterator())
+  archive_names = {n.decode() for n in archive_names}
+  counts = isic_archive.class_counts(archive_2019)
+  assert results["training_images"][archive_2019] == len(archive_names) == sum(counts.values()) == 22
+  read = {n for line in handler.lines for n in line.split(" read ", 1)[1].split()}
+  assert read & archive_names, "no archive image was read in training"
+  train_csv = pd.read_csv(os.path.join(data_dir, "train.csv"))
+  oof = pd.read_csv(os.path.join(workdir, "oof.csv"))
+  assert set(oof["image_name"]) <= set(train_csv["image_name"]) and not set(oof["image_name"]) & archive_names
+  assert len(pd.read_csv(os.path.join(workdir, "submission.csv"))) == len(pd.read_csv(os.path.join(data_dir,
+                                                                                                  "test.csv")))
+  run = json.loads(open(os.path.join(workdir, "run.json")).read())
+  assert any(name.endswith(".tfrecord-00000-of-00001") or "isic_archive" in name for name in run["data.files"])
+
+
+def test_processes_read_disjoint_shares_of_the_external_data(data_dir, archive_2019):
+  """Two processes of one run: each reads its own share of the archive in an epoch, together all of it."""
+  from melanoma_jax.data import external, sources  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.image import data as data_lib  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, extra_data=archive_2019)
+  data = sources.resolve(data_dir)
+  sets = external.open_sets(archive_2019)
+  seen = []
+  for index in range(2):
+    run = setup.resolve(config, num_devices=8, processes=(index, 2))
+    pipeline = data_lib.make_pipeline(run, data, data_lib.make_split(run, data), sets)
+    names = set()
+    # Enough epochs' draws to see every image of this process's share at least once.
+    for epoch in range(6):
+      for _, batch_names in pipeline.device_batches(pipeline.train_dataset(epoch, 0), data.train_files):
+        names.update(batch_names)
+    seen.append(names)
+  archive = {n.decode() for n in sets[0].records().map(lambda r: r["image_name"]).as_numpy_iterator()}
+  mine = [names & archive for names in seen]
+  assert mine[0] and mine[1] and not mine[0] & mine[1]
+  assert mine[0] | mine[1] <= archive
+
+
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())

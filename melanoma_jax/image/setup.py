@@ -41,6 +41,7 @@ class Optimizer:
 class ImageRun:
   """What one image run is, in plain values."""
   data_dir: str  # "" = the synthetic set, generated into WORKDIR/data.
+  extra_data: str  # Built ISIC archive sets for training only, comma-separated; "" none.
   image_size: int
   num_devices: int  # Of all processes.
   global_batch: int  # Rows per step over all processes; each process feeds global_batch / process_count.
@@ -129,7 +130,7 @@ def resolve(config, num_devices=None, processes=None) -> ImageRun:
   if name in models.CLASSIFIERS:
     model_kwargs.update(head_sizes=tuple(config.model.head_sizes), remat=bool(config.model.remat))
   return ImageRun(
-      data_dir=config.data_dir, image_size=int(config.image_size), num_devices=num_devices,
+      data_dir=config.data_dir, extra_data=str(config.get("extra_data", "") or ""), image_size=int(config.image_size), num_devices=num_devices,
       global_batch=global_batch, process_index=process_index, process_count=process_count,
       num_epochs=int(config.num_epochs),
       freeze_backbone_epochs=int(config.freeze_backbone_epochs), num_folds=int(config.num_folds),

@@ -54,12 +54,13 @@ def initial_state(run, model, tx, rng):
   return state_lib.create_train_state(model, tx, rng, None, variables=variables)
 
 
-def _check_identity(config, data, workdir, checkpointer=None):
+def _check_identity(config, data, workdir, checkpointer=None, extra=()):
   """Refuses a workdir that holds a run of another config or data (before anything is restored); returns
   the run's identity. With a `checkpointer` (training), the latest checkpoint's own record of its run is
-  compared first and the identity recorded where there is none; without (prediction), it is only checked."""
+  compared first and the identity recorded where there is none; without (prediction), it is only checked.
+  The data are the 2020 tables and records and the files of the `extra` external sets."""
   run_identity = identity.of_data(config, workdir, data.train_df.attrs["path"], data.test_df.attrs["path"],
-                                  data.train_files + data.test_files)
+                                  data.train_files + data.test_files + [f for e in extra for f in e.files()])
   latest = checkpointer.latest_step() if checkpointer is not None else None
   if latest is not None:  # Before recording: a deleted run.json must not let another config resume.
     identity.check_checkpoint(workdir, checkpointer.read_meta(latest), checkpointer.step_dir(latest),
@@ -103,15 +104,17 @@ def train(config, workdir, start_time=None):
   os.makedirs(workdir, exist_ok=True)
   identity.check_config(workdir, config)  # Before the data: another config must not regenerate this run's.
   data = data_lib.resolve_data(run, workdir)
+  extra = data_lib.external_sets(run)
   checkpointer = trained_lib.checkpointer(run, workdir)
   try:
-    run_identity = _check_identity(config, data, workdir, checkpointer)
+    run_identity = _check_identity(config, data, workdir, checkpointer, extra)
     split = data_lib.make_split(run, data)
-    pipeline = data_lib.make_pipeline(run, data, split)
+    pipeline = data_lib.make_pipeline(run, data, split, extra)
     finished = loop.finished_meta(checkpointer, run.num_epochs)
     if finished is None:
       meta, steps_run, images_per_sec = _fit(run, config, workdir, pipeline, split, data, checkpointer,
-                                             identity.for_checkpoint(run_identity))
+                                             identity.for_checkpoint(run_identity),
+                                             data_lib.training_class_counts(run, data, split, extra))
     else:
       meta, steps_run, images_per_sec = finished, checkpointer.latest_step(), float("nan")
       logging.info("fold %d: training already finished in an earlier run (%d epochs%s); not training again",
@@ -120,7 +123,7 @@ def train(config, workdir, start_time=None):
   finally:
     checkpointer.close()
 
-  outputs = predict(config, workdir, prepared=(run, data, split, pipeline), reuse_scores=True)
+  outputs = predict(config, workdir, prepared=(run, data, split, pipeline, extra), reuse_scores=True)
   history = meta["history"]
   results = {
       "val_auc": history[-1]["val_auc"] if history else None,
@@ -134,6 +137,8 @@ def train(config, workdir, start_time=None):
       "global_batch": run.global_batch,
       "devices": run.num_devices,
       "processes": run.process_count,
+      # Training images per source: the fold's 2020 rows and each external set (validation is 2020 only).
+      "training_images": {"2020": len(split.train_df), **{e.directory: e.num_images for e in extra}},
       "outputs": outputs,
   }
   path = write_results(workdir, results, config)
@@ -141,12 +146,11 @@ def train(config, workdir, start_time=None):
   return results
 
 
-def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded):
+def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded, class_counts=None):
   """The fit loop of the run: (meta of its last checkpoint, steps, training images/s). Every checkpoint's
-  meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`."""
-  labels = data_lib.labels_of(run, data)
-  weights = data_lib.stream_class_weights(
-      run, pipeline, None if labels is None else [labels[n] for n in split.train_df["image_name"]])
+  meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`; `class_counts` are a
+  diagnosis target's training images per class."""
+  weights = data_lib.stream_class_weights(run, pipeline, class_counts)
   logging.info("global batch %d on %d device(s) of %d process(es), %d steps/epoch, malignant share of the stream "
                "%.3f, class weights %s", run.global_batch, run.num_devices, run.process_count,
                pipeline.steps_per_epoch, pipeline.positive_share(), " / ".join(f"{w:.3f}" for w in weights))
@@ -214,10 +218,10 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
     run = setup.resolve(config)
     identity.check_config(workdir, config)
     data = data_lib.resolve_data(run, workdir)
-    _check_identity(config, data, workdir)
+    _check_identity(config, data, workdir, extra=data_lib.external_sets(run))
     split = data_lib.make_split(run, data)
-    prepared = (run, data, split, data_lib.make_pipeline(run, data, split))
-  run, data, split, pipeline = prepared
+    prepared = (run, data, split, data_lib.make_pipeline(run, data, split), ())  # Scores 2020 images only.
+  run, data, split, pipeline, _ = prepared
   # Every prediction first, then every file: a run killed half-way leaves the previous outputs whole.
   scores, epoch = _scores(run, data, split, pipeline, workdir, reuse_scores)
   names, targets, probs = scores.val.names, scores.val.targets, scores.val.probabilities

@@ -46,6 +46,7 @@ ADDED = {
     "synthetic.generator": "dermoscopy",  # Another generator also changes the data digest (its record files).
     "optimizer.schedule": "seed",
     "target": "melanoma",
+    "extra_data": "",
 }
 
 

@@ -36,8 +36,9 @@ from melanoma_jax.data.isic_archive.command import build
 from melanoma_jax.data.isic_archive.download import CLASSES
 from melanoma_jax.data.isic_archive.download import LAYOUTS
 from melanoma_jax.data.isic_archive.download import YEARS
+from melanoma_jax.data.isic_archive.reader import class_counts
 from melanoma_jax.data.isic_archive.reader import duplicates
 from melanoma_jax.data.isic_archive.reader import load
 
 __all__ = ["CLASSES", "IsicArchive", "IsicArchiveConfig", "LAYOUTS", "MANUAL_DOWNLOAD_INSTRUCTIONS",
-           "PRESET_SIZES", "YEARS", "build", "config_for", "duplicates", "load"]
+           "PRESET_SIZES", "YEARS", "build", "class_counts", "config_for", "duplicates", "load"]

@@ -110,7 +110,11 @@ class IsicArchive(tfds.core.GeneratorBasedBuilder):
     year = self.builder_config.year
     table = download.read_download(manual_dir, year)
     kept, report = dedup.deduplicate(table, year, manual_dir, self._exclude_2020)
-    self.info.metadata.update({"duplicates": report})  # Written beside the data as metadata.json.
+    # Written beside the data as metadata.json; the class counts let training weigh its stream without
+    # reading every image first.
+    counts = kept["diagnosis"].value_counts()
+    self.info.metadata.update({"duplicates": report,
+                               "class_counts": {c: int(counts.get(c, 0)) for c in download.CLASSES}})
     return {"train": self._generate_examples(kept)}
 
   def _generate_examples(self, table):

@@ -13,14 +13,15 @@ import re
 import numpy as np
 import pandas as pd
 
+from melanoma_jax.data import diagnosis as diagnosis_lib
 from melanoma_jax.data import metadata
 from melanoma_jax.data.isic_archive import sites
 from melanoma_jax.utils.errors import InputError
 
 # The ISIC 2019 classes; 2020's diagnoses and 2018's are mapped onto them. UNK is empty in the 2019
 # training set but kept, so the class indices are the same in every year and in the 2020 mapping.
-CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
-MELANOMA = "MEL"
+CLASSES = diagnosis_lib.CLASSES  # The ISIC 2019 classes, the diagnosis target's (MEL first).
+MELANOMA = diagnosis_lib.CLASSES[diagnosis_lib.MEL]
 SUFFIX = "_downsampled"  # The archive's name for images it stores smaller than the original.
 
 

@@ -58,3 +58,11 @@ def load(directory, split="train", *, image_size=None, process_index=0, process_
                 num_parallel_calls=tf().data.AUTOTUNE)
   return ds
 
+
+
+def class_counts(directory):
+  """{class of CLASSES: images} of a built set's train split, from the metadata.json its build wrote."""
+  counts = dict(builder(directory).info.metadata).get("class_counts")
+  if counts is None:
+    raise InputError(f"{directory}: its metadata.json lacks class_counts (built by an older version; build it again)")
+  return {name: int(n) for name, n in counts.items()}
