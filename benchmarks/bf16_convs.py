@@ -8,7 +8,9 @@ on the AMX / AVX512-BF16 units), and float32 for reference; compiled in this pro
 --global_batch is one device's share of the step (the global batch / devices of a pmapped step). Every
 distinct spatial convolution (1x1 convolutions are dots already) is found as benchmarks/conv_layers.py finds
 them and weighted by how often the network uses it. The last line printed is one JSON object: per layer
-and in total, forward + backward milliseconds of each path and the ratios (> 1: bf16_dots is faster).
+and in total, forward + backward milliseconds of each path (bf16_dots forced on every layer; bf16_step: the
+products only from conv.BF16_DOTS_MIN_CHANNELS input channels, as the train step runs them) and the ratios
+(> 1: the products are faster).
 Exits non-zero if the paths disagree beyond bfloat16 rounding.
 """
 import argparse
@@ -36,9 +38,13 @@ def parse_args(argv=None):
 
 
 def step(layer, kernels, dtype):
-  """jit(x, kernel, dy) -> (y, input and kernel gradients) of one convolution as the train step runs it."""
+  """jit(x, kernel, dy) -> (y, input and kernel gradients) of one convolution: as the train step runs it
+  with `kernels`, or (`kernels` None) always as `im2col_dot_conv`, whatever its channels."""
   from melanoma_jax.models import conv  # pylint: disable=g-import-not-at-top
-  fn = lambda x, k: conv.spatial(x, k, layer.strides, layer.padding, kernels)
+  if kernels is None:
+    fn = lambda x, k: conv.im2col_dot_conv(x, k, tuple(layer.strides), layer.padding)
+  else:
+    fn = lambda x, k: conv.spatial(x, k, layer.strides, layer.padding, kernels)
 
   def both(x, k, dy):
     y, vjp = jax.vjp(fn, x, k)
@@ -51,8 +57,8 @@ def main(argv=None):
   args = parse_args(argv)
   from melanoma_jax.models import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
   today = dataclasses.replace(kernels_lib.CPU, bf16_dots=False)
-  paths = {"bf16_conv": (today, jnp.bfloat16),
-           "bf16_dots": (dataclasses.replace(today, bf16_dots=True), jnp.bfloat16), "f32": (today, jnp.float32)}
+  from melanoma_jax.models import conv  # pylint: disable=g-import-not-at-top
+  paths = {"bf16_conv": (today, jnp.bfloat16), "bf16_dots": (None, jnp.bfloat16), "f32": (today, jnp.float32)}
   layers = {k: v for k, v in conv_layers.network_convs(args.size, args.global_batch).items()
             if k.kind == "spatial"}
   rows, total = [], collections.defaultdict(float)
@@ -78,6 +84,9 @@ def main(argv=None):
     ms = {name: round(statistics.median(v) * 1e3, 2) for name, v in times.items()}
     for name, value in ms.items():
       total[name] += value * count
+    # What the train step runs with bf16_dots on: the products from BF16_DOTS_MIN_CHANNELS input channels.
+    chosen = "bf16_dots" if layer.kernel_shape[2] >= conv.BF16_DOTS_MIN_CHANNELS else "bf16_conv"
+    total["bf16_step"] += ms[chosen] * count
     row = {"layer": conv_layers.describe(layer), "count": count, **ms,
            "conv_over_dots": round(ms["bf16_conv"] / ms["bf16_dots"], 2)}
     common.log(row)
@@ -86,7 +95,8 @@ def main(argv=None):
             "machine": common.machine(), "bf16_units": kernels_lib.cpu_has_bf16_units(),
             "total_ms": {k: round(v, 1) for k, v in total.items()},
             "conv_over_dots": round(total["bf16_conv"] / total["bf16_dots"], 2),
-            "f32_over_dots": round(total["f32"] / total["bf16_dots"], 2), "layers": rows}
+            "conv_over_step": round(total["bf16_conv"] / total["bf16_step"], 2),
+            "f32_over_step": round(total["f32"] / total["bf16_step"], 2), "layers": rows}
   common.emit(result, args.out)
 
 

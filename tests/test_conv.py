@@ -159,11 +159,13 @@ def test_bfloat16_dots_only_where_the_cpu_has_the_units_and_only_for_bfloat16(tm
   assert not kernels_lib.cpu_kernels(str(without)).bf16_dots and kernels_lib.cpu_kernels(str(amx)).bf16_dots
   assert not kernels_lib.cpu_has_bf16_units(str(tmp_path / "missing"))
   # A CPU without the units computes today's path: the same program as bf16_dots off.
-  x, w = jnp.ones((1, 8, 8, 3), jnp.bfloat16), jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  x, w = jnp.ones((1, 8, 8, 64), jnp.bfloat16), jnp.ones((3, 3, 64, 4), jnp.bfloat16)
   today = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=False)))
   assert "dot_general" not in str(today(x, w)) and "conv_general_dilated" in str(today(x, w))
   with_units = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=True)))
   assert "dot_general" in str(with_units(x, w))
-  # float32 never takes it.
+  # Few input channels (where the products measured slower) and float32 never take it.
+  few = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=True)))
+  assert "conv_general_dilated" in str(few(x[..., :3], w[:, :, :3]))
   f32 = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=True)))
   assert "conv_general_dilated" in str(f32(x.astype(jnp.float32), w.astype(jnp.float32)))

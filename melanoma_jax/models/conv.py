@@ -134,10 +134,18 @@ class SpatialConv(nn.Module):
     return spatial(x, kernel, self.strides, self.padding, resolve(self.kernels))
 
 
+# Per layer of InceptionResNetV2 at 299 (benchmarks/bf16_convs.py), the matrix products won from 64 input
+# channels up (1.2-4x) and lost below, where a few channels over a large map give long thin columns (0.45x
+# for 32 -> 32 at 149x149).
+BF16_DOTS_MIN_CHANNELS = 64
+
+
 def spatial(x, kernel, strides, padding, kernels: Kernels):
-  """The convolution `SpatialConv` computes: `im2col_dot_conv` for bfloat16 with `bf16_dots`, `conv2d` with
-  `im2col_grad`, else XLA's own convolution and gradient."""
-  if kernels.bf16_dots and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16:
+  """The convolution `SpatialConv` computes: `im2col_dot_conv` for bfloat16 with `bf16_dots` (from
+  BF16_DOTS_MIN_CHANNELS input channels), `conv2d` with `im2col_grad`, else XLA's own convolution and
+  gradient."""
+  if (kernels.bf16_dots and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+      and x.shape[-1] >= BF16_DOTS_MIN_CHANNELS):
     return im2col_dot_conv(x, kernel, tuple(strides), padding)
   return (conv2d if kernels.im2col_grad else _conv)(x, kernel, tuple(strides), padding)
 
