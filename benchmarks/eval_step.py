@@ -1,11 +1,13 @@
 """Images/s of inference (the prediction step of `--mode=predict`), without and with flip TTA.
 
-The step is prediction's `steps.p_predict(steps.make_predict_step(model, tta))`: MelanomaClassifier in
-inference mode, sigmoid, pmapped over all local devices; with TTA it averages the original and the two
-flipped views (3 forwards per image). Compile time is reported apart from the steady state.
+The step is prediction's `steps.p_predict(steps.make_predict_step(model, tta))`: MelanomaClassifier
+(`--model`: InceptionResNetV2 or an EfficientNet B0-B7) in inference mode, sigmoid, pmapped over all local
+devices; with TTA it averages the original and the two flipped views (3 forwards per image). Compile time
+is reported apart from the steady state.
 
   .venv/bin/python benchmarks/eval_step.py                          # 299x299, global batch 16, float32
   .venv/bin/python benchmarks/eval_step.py --size 1024 --dtype bfloat16 --out r.json
+  .venv/bin/python benchmarks/eval_step.py --model efficientnet_b3 --size 300
 
 The last line printed is one JSON object (images/s).
 """
@@ -16,11 +18,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from melanoma_jax.models import build_model, DTYPES, KERNELS  # pylint: disable=wrong-import-position
+from melanoma_jax.models import build_model, CLASSIFIERS, DTYPES, KERNELS  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--model", choices=CLASSIFIERS, default="inception_resnet_v2", help="the backbone")
   parser.add_argument("--size", type=int, default=299)
   parser.add_argument("--global_batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per setting")
@@ -45,10 +48,10 @@ def main(argv=None):
   args = parse_args(argv)
   common.reexec_with_malloc_tunables(True)
   jax = common.jax
-  model = build_model("inception_resnet_v2", dtype=args.dtype, kernels=args.kernels)
+  model = build_model(args.model, dtype=args.dtype, kernels=args.kernels)
   state = common.train_state(model, args.size, args.global_batch)
   images = common.random_images(args.global_batch, args.size)
-  result = {"name": "eval_step", "size": args.size, "global_batch": args.global_batch,
+  result = {"name": "eval_step", "model": args.model, "size": args.size, "global_batch": args.global_batch,
             "dtype": args.dtype, "kernels": args.kernels, "machine": common.machine(),
             "devices": jax.local_device_count()}
   for tta in (False, True):

@@ -25,6 +25,6 @@ def get_config():
   config.optimizer.warmup_epochs = 0
   config.optimizer.decay = 0.5
   config.log_every_steps = 10
-  config.tta = False
+  config.tta = 1
   config.synthetic.num_patients = 0
   return config

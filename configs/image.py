@@ -63,9 +63,12 @@ def get_config():
   # "xla" to force one. Same values either way (models/kernels.py).
   config.model.kernels = "auto"
 
-  # The seed's schedule: linear ramp lr_start -> lr_max over warmup_epochs, then lr *= decay each epoch.
+  # A linear ramp lr_start -> lr_max over warmup_epochs, then "seed": lr *= decay each epoch towards lr_min
+  # (the seed notebook's), or "warmup_cosine": cosine decay to zero at num_epochs (the 1st-place
+  # solution's; raising num_epochs on a rerun stretches the cosine from where the run stands).
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # "adam" or "adamw"
+  config.optimizer.schedule = "seed"
   config.optimizer.lr_start = 1e-5
   config.optimizer.lr_max = 5e-5 * 8
   config.optimizer.lr_min = 1e-5
@@ -77,7 +80,17 @@ def get_config():
 
   config.log_every_steps = 50
   config.checkpoints_to_keep = 3
-  config.tta = True  # Average probabilities over flips at prediction time.
+  # Views averaged at prediction time: 1 (none), 2 (+ horizontal flip), 3 (+ vertical flip, this project's
+  # default since its first runs, recorded as True by runs before views were counted), 8 (every flip and
+  # transpose, the 1st-place solution's).
+  config.tta = 3
+  # "melanoma": one malignant logit (the seed's); "diagnosis": a softmax over the ISIC 2019 classes (MEL,
+  # NV, BCC, AK, BKL, DF, VASC, SCC, UNK; 2020's diagnoses mapped onto them, data/diagnosis.py) with a
+  # class weight each, read as p(MEL) everywhere a probability is used (the 1st place's target).
+  config.target = "melanoma"
+  # Built ISIC archive sets (`python -m melanoma_jax.data.isic_archive` prints each one's directory),
+  # comma-separated, added to every fold's training images only; "" = none.
+  config.extra_data = ""
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_patients = 0  # Patients of the real metadata to draw (0 = the generator's default).

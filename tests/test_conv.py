@@ -98,7 +98,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_gradients(kernels):
 
 def test_kernels_choice_follows_the_backend_unless_named():
   fields = [f.name for f in dataclasses.fields(kernels_lib.Kernels)]
-  assert all(getattr(CPU, f) for f in fields) and not any(getattr(XLA, f) for f in fields)
+  assert all(getattr(CPU, f) for f in fields if f != "bf16_dots") and not any(getattr(XLA, f) for f in fields)
   assert kernels_lib.resolve("auto") == (CPU if jax.default_backend() == "cpu" else XLA)
   assert kernels_lib.resolve("auto", backend="gpu") == XLA and kernels_lib.resolve("auto", "cpu") == CPU
   assert kernels_lib.resolve("cpu", backend="gpu") == CPU and kernels_lib.resolve("xla", "cpu") == XLA
@@ -132,3 +132,40 @@ def test_depthwise_shifts_match_the_grouped_convolution(shape, kernel, stride, p
     for got, want in ((y, y_ref), (dx, dx_ref), (dp["kernel"], dp_ref["kernel"])):
       got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
       assert got.shape == want.shape and np.abs(got - want).max() <= tolerance * max(np.abs(want).max(), 1.0)
+
+
+@pytest.mark.parametrize("shape, kernel, strides, padding", [CASES[i] for i in (0, 1, 3, 6)])
+def test_bfloat16_im2col_dots_equal_the_bfloat16_convolution(shape, kernel, strides, padding):
+  """`bf16_dots`: forward, input and kernel gradients as bfloat16 matrix products accumulated in float32
+  equal XLA's bfloat16 convolution (and its autodiff) within bfloat16 rounding."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=kernel + (shape[-1], 6)) / np.sqrt(np.prod(kernel) * shape[-1]), jnp.bfloat16)
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b, strides, padding).astype(jnp.float32)))
+  plain = jax.value_and_grad(loss(conv._conv), argnums=(0, 1))(x, w)
+  dots = jax.value_and_grad(loss(conv.im2col_dot_conv), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(conv.im2col_dot_conv(x, w, strides, padding).astype(np.float32),
+                             conv._conv(x, w, strides, padding).astype(np.float32), rtol=2e-2, atol=2e-2)
+  for got, want in zip(jax.tree.leaves(dots), jax.tree.leaves(plain)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert float(np.abs(got - want).max()) <= 3e-2 * max(float(np.abs(want).max()), 1.0)
+
+
+def test_bfloat16_dots_only_where_the_cpu_has_the_units_and_only_for_bfloat16(tmp_path):
+  without, amx = tmp_path / "plain", tmp_path / "amx"
+  without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+  amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+  assert not kernels_lib.cpu_kernels(str(without)).bf16_dots and kernels_lib.cpu_kernels(str(amx)).bf16_dots
+  assert not kernels_lib.cpu_has_bf16_units(str(tmp_path / "missing"))
+  # A CPU without the units computes today's path: the same program as bf16_dots off.
+  x, w = jnp.ones((1, 8, 8, 64), jnp.bfloat16), jnp.ones((3, 3, 64, 4), jnp.bfloat16)
+  today = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=False)))
+  assert "dot_general" not in str(today(x, w)) and "conv_general_dilated" in str(today(x, w))
+  with_units = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=True)))
+  assert "dot_general" in str(with_units(x, w))
+  # Few input channels (where the products measured slower) and float32 never take it.
+  few = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=True)))
+  assert "conv_general_dilated" in str(few(x[..., :3], w[:, :, :3]))
+  f32 = jax.make_jaxpr(lambda a, b: conv.spatial(a, b, (1, 1), "SAME", dataclasses.replace(CPU, bf16_dots=True)))
+  assert "conv_general_dilated" in str(f32(x.astype(jnp.float32), w.astype(jnp.float32)))

@@ -4,6 +4,7 @@ Most runs use config.model.name=tiny (the machinery at a fraction of the compile
 real InceptionResNetV2 classifier for a few steps.
 """
 import json
+import logging
 import os
 import shutil
 import signal
@@ -147,8 +148,14 @@ def test_a_run_killed_inside_a_checkpoint_save_resumes_to_the_same_result(uninte
 def test_rerun_of_a_finished_run_does_not_train_again(uninterrupted, data_dir, caplog):
   workdir, _ = uninterrupted
   before = json.loads((workdir / "results.json").read_text())
-  with caplog.at_level("INFO"):
-    results = image.train(_config(data_dir), str(workdir))
+  # On absl's logger itself too: a test that ran absl's app in this process can leave it not propagating.
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(caplog.handler)
+  try:
+    with caplog.at_level("INFO", logger="absl"):
+      results = image.train(_config(data_dir), str(workdir))
+  finally:
+    absl_logger.removeHandler(caplog.handler)
   assert "training already finished" in caplog.text
   assert results["history"] == before["history"] and results["steps"] == before["steps"]
 
@@ -374,3 +381,100 @@ def test_a_prediction_that_fails_half_way_leaves_the_previous_outputs_whole(data
   with pytest.raises(InputError, match=rf"data of this run changed since it was recorded: {shard.name} "):
     image.predict(config, str(workdir))
   assert {name: (workdir / name).stat().st_mtime_ns for name in outputs} == before
+
+def test_diagnosis_target_trains_a_softmax_and_reports_its_melanoma_probability(data_dir, tmp_path):
+  """config.target=diagnosis: a softmax over the ISIC 2019 classes with a weight per class; oof.csv holds
+  every class's probability, and `prediction`, the report and the submission are p(MEL)."""
+  from melanoma_jax.data import diagnosis  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "diagnosis")
+  results = image.train(_config(data_dir, num_epochs=1, target="diagnosis", tta=8), workdir)
+  oof = pd.read_csv(os.path.join(workdir, "oof.csv"))
+  columns = diagnosis.class_columns()
+  assert columns[0] == "p_MEL" and set(columns) <= set(oof.columns)
+  np.testing.assert_allclose(oof[columns].sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(oof["prediction"], oof["p_MEL"], rtol=1e-6)
+  assert results["outputs"]["predict_val_auc"] == pytest.approx(
+      sk_metrics.roc_auc_score(oof["target"], oof["p_MEL"]))
+  report = json.loads(open(os.path.join(workdir, "report.json")).read())
+  assert report["stages"]["image"]["column"] == "prediction"
+  assert report["stages"]["image"]["auc"] == pytest.approx(results["outputs"]["predict_val_auc"], abs=1e-9)
+  submission = pd.read_csv(os.path.join(workdir, "submission.csv"))
+  assert submission["target"].between(0, 1).all() and results["outputs"]["tta"] == 8
+  # The one seam scores through the same head: the melanoma probability, the classes with embeddings.
+  from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  trained = loading.load_predictor(workdir)
+  x = np.zeros((3, 75, 75, 3), np.float32)
+  scores = trained.score(x, embeddings=True)
+  assert scores.classes.shape == (3, len(diagnosis.CLASSES))
+  np.testing.assert_allclose(scores.probabilities, scores.classes[:, 0], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def archive_2019(tmp_path_factory):
+  """A synthetic ISIC 2019 download built into a TFDS set (two of its ids taken from 2020: left out)."""
+  from melanoma_jax.data import isic_archive  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("archive")
+  synthetic.write_archive(str(root / "downloads"), year=2019, num_images=24, seed=0, image_size=64)
+  directory, _ = isic_archive.build(2019, 75, str(root / "downloads"), str(root / "tfds"))
+  return directory
+
+
+def test_external_data_joins_the_training_stream_only(data_dir, archive_2019, tmp_path):
+  """config.extra_data: the archive's images are read in training (counted in results.json) and weigh in the
+  class weights; validation, oof.csv and the submission stay 2020-only."""
+  from melanoma_jax.data import isic_archive  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "extra")
+  reads = logging.getLogger("melanoma_jax.image.reads")
+  handler = _Collect()
+  reads.addHandler(handler)
+  reads.setLevel(logging.DEBUG)
+  try:
+    results = image.train(_config(data_dir, num_epochs=1, extra_data=archive_2019, target="diagnosis"), workdir)
+  finally:
+    reads.removeHandler(handler)
+    reads.setLevel(logging.NOTSET)
+  archive_names = set(isic_archive.load(archive_2019).map(lambda r: r["image_name"]).as_numpy_iterator())
+  archive_names = {n.decode() for n in archive_names}
+  counts = isic_archive.class_counts(archive_2019)
+  assert results["training_images"][archive_2019] == len(archive_names) == sum(counts.values()) == 22
+  read = {n for line in handler.lines for n in line.split(" read ", 1)[1].split()}
+  assert read & archive_names, "no archive image was read in training"
+  train_csv = pd.read_csv(os.path.join(data_dir, "train.csv"))
+  oof = pd.read_csv(os.path.join(workdir, "oof.csv"))
+  assert set(oof["image_name"]) <= set(train_csv["image_name"]) and not set(oof["image_name"]) & archive_names
+  assert len(pd.read_csv(os.path.join(workdir, "submission.csv"))) == len(pd.read_csv(os.path.join(data_dir,
+                                                                                                  "test.csv")))
+  run = json.loads(open(os.path.join(workdir, "run.json")).read())
+  assert any(name.endswith(".tfrecord-00000-of-00001") or "isic_archive" in name for name in run["data.files"])
+
+
+def test_processes_read_disjoint_shares_of_the_external_data(data_dir, archive_2019):
+  """Two processes of one run: each reads its own share of the archive in an epoch, together all of it."""
+  from melanoma_jax.data import external, sources  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.image import data as data_lib  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, extra_data=archive_2019)
+  data = sources.resolve(data_dir)
+  sets = external.open_sets(archive_2019)
+  seen = []
+  for index in range(2):
+    run = setup.resolve(config, num_devices=8, processes=(index, 2))
+    pipeline = data_lib.make_pipeline(run, data, data_lib.make_split(run, data), sets)
+    names = set()
+    # Enough epochs' draws to see every image of this process's share at least once.
+    for epoch in range(6):
+      for _, batch_names in pipeline.device_batches(pipeline.train_dataset(epoch, 0), data.train_files):
+        names.update(batch_names)
+    seen.append(names)
+  archive = {n.decode() for n in sets[0].records().map(lambda r: r["image_name"]).as_numpy_iterator()}
+  mine = [names & archive for names in seen]
+  assert mine[0] and mine[1] and not mine[0] & mine[1]
+  assert mine[0] | mine[1] <= archive
+
+
+class _Collect(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())

@@ -214,7 +214,7 @@ def test_config_comes_from_run_json_when_the_run_never_finished(workdir, tmp_pat
   (tmp_path / "run.json").write_text((workdir / "run.json").read_text())
   config = identity.recorded_config(str(tmp_path))
   assert config.model.name == "tiny" and config.image_size == SIZE and config.tta is False
-  assert identity.recorded_config(str(workdir)).tta is False  # results.json: the demo config's setting.
+  assert identity.recorded_config(str(workdir)).tta == 1  # results.json: the demo config's setting (1 view).
   assert identity.recorded_config(str(workdir), {"tta": True}).tta is True
 
 

@@ -66,7 +66,11 @@ def scale_for_inception(image):
 class ImagePipeline:
   """Builds the train / eval / predict datasets of one fold split.
 
-  `train_names`, `val_names`: image names of the two sides of the split; `targets`: {image_name: 0/1}.
+  `train_names`, `val_names`: image names of the two sides of the split; `targets`: {image_name: 0/1};
+  `labels` (a diagnosis target): {image_name: class index}, given to training batches as 'label'.
+  `external`: extra training sets (`data.external.ExternalSet`s: `records(process_index, process_count)`,
+  `num_images`, `positives`) mixed into the training stream only, in proportion to their size; the counts
+  behind the oversampling share and the steps per epoch include them.
   `global_batch` rows per step, split over `num_devices`; `oversample_share`: malignant share of the
   training stream (0: the natural rate); `max_steps_per_epoch` > 0 caps an epoch; `skip_corrupt` drops
   undecodable images instead of stopping; `augment` None: no training augmentation.
@@ -77,7 +81,8 @@ class ImagePipeline:
   def __init__(self, train_files, test_files, targets, train_names, val_names, *, image_size: int,
                global_batch: int, num_devices: int, oversample_share: float = 0.0,
                max_steps_per_epoch: int = 0, skip_corrupt: bool = False, augment: Optional[Augment] = None,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, labels: Optional[dict] = None,
+               external=()):
     self.train_files = list(train_files)
     self.test_files = list(test_files)
     self.image_size = int(image_size)
@@ -95,16 +100,18 @@ class ImagePipeline:
     self.train_names = list(train_names)
     self.val_names = list(val_names)
     self._targets = dict(targets)
-    self.train_positives = sum(self._targets[n] for n in self.train_names)
-    self.num_train = len(self.train_names)
-    if self.num_train == 0 or not self.val_names:
-      raise InputError(f"empty split: {self.num_train} training and {len(self.val_names)} validation images")
+    self.external = tuple(external)
+    self.train_positives = sum(self._targets[n] for n in self.train_names) + sum(e.positives for e in self.external)
+    self.num_train = len(self.train_names) + sum(e.num_images for e in self.external)
+    if not self.train_names or not self.val_names:
+      raise InputError(f"empty split: {len(self.train_names)} training and {len(self.val_names)} validation images")
     if self.train_positives == 0:
       raise InputError("the training split has no malignant image")
     names = self.train_names + self.val_names
     side = [0] * len(self.train_names) + [1] * len(self.val_names)
     self._side = _lookup(names, side, -1)
     self._target = _lookup(names, [self._targets[n] for n in names], -1)
+    self._label = None if labels is None else _lookup(names, [int(labels[n]) for n in names], -1)
     self._val_owner = _lookup(self.val_names, [eval_owner(i, self.process_count)
                                                for i in range(len(self.val_names))], -1)
 
@@ -142,6 +149,7 @@ class ImagePipeline:
     records_ds = self._labelled(0, files)
     if names is not None:
       records_ds = self._only(records_ds, names)
+    records_ds = self._with_external(records_ds.map(self._training_record), epoch_seed)
     streams = []
     for label in (0, 1):
       part = records_ds.filter(lambda r, label=label: tf_.equal(r["target"], label))
@@ -161,12 +169,32 @@ class ImagePipeline:
                             num_parallel_calls=_AUTOTUNE, deterministic=True)
     return self._finish(self._skip_corrupt(ds).take(total))
 
+  def _training_record(self, record):
+    """A 2020 training record in the keys external sets give: image, image_name, target, label."""
+    label = (self._label.lookup(record["image_name"]) if self._label is not None
+             else tf().constant(-1, tf().int64))
+    return {"image": record["image"], "image_name": record["image_name"], "target": record["target"],
+            "label": label}
+
+  def _with_external(self, records_ds, epoch_seed):
+    """The 2020 records mixed with this process's share of each external set, each drawn in proportion
+    to its size (so a large archive does not come after all of 2020 in the shuffled streams)."""
+    if not self.external:
+      return records_ds
+    sources = [records_ds] + [e.records(self.process_index, self.process_count) for e in self.external]
+    sizes = [len(self.train_names)] + [e.num_images for e in self.external]
+    return tf().data.Dataset.sample_from_datasets(sources, [n / sum(sizes) for n in sizes], seed=epoch_seed,
+                                                  stop_on_empty_dataset=False)
+
   def _train_example(self, record, seed):
     image = decode_image(record["image"], self.image_size)
     if self.augment is not None:
       image = augment(image, tf().cast(seed, tf().int64), self.augment)
-    return {"x": scale_for_inception(image), "y": tf().cast(record["target"], tf().float32),
-            "mask": tf().ones([], tf().float32), "image_name": record["image_name"]}
+    example = {"x": scale_for_inception(image), "y": tf().cast(record["target"], tf().float32),
+               "mask": tf().ones([], tf().float32), "image_name": record["image_name"]}
+    if self._label is not None:
+      example["label"] = tf().cast(record["label"], tf().int32)
+    return example
 
   # ------------------------------------------------------------------------------------------ evaluation
   def _eval_example(self, record):

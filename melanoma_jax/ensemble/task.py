@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
+from melanoma_jax.data import external
 from melanoma_jax.data import folds as folds_lib
 from melanoma_jax.data import sources
 from melanoma_jax import image
@@ -210,8 +211,10 @@ def train(config, workdir, start_time=None):
   identity.check_config(workdir, _without_ensemble(config))  # Before the synthetic set is (re)generated.
   data_dir = _data_dir(config, workdir)
   data = sources.resolve(data_dir)
+  extra_files = [f for one in external.open_sets(config.get("extra_data", "")) for f in one.files()]
   identity.check_or_record(workdir, identity.of_data(_without_ensemble(config), workdir, data.train_df.attrs["path"],
-                                                     data.test_df.attrs["path"], data.train_files + data.test_files))
+                                                     data.test_df.attrs["path"],
+                                                     data.train_files + data.test_files + extra_files))
   train_df, test_df = data.train_df.reset_index(drop=True), data.test_df.reset_index(drop=True)
   seed = int(config.seed)
   fold_ids = folds_lib.assign_folds(train_df, int(config.num_folds), seed)  # The image folds' own split.

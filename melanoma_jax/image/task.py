@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
+from melanoma_jax.data import diagnosis
 from melanoma_jax.evaluation import clinical, metrics, roc
 from melanoma_jax.image import data as data_lib
 from melanoma_jax.image import setup
@@ -53,12 +54,13 @@ def initial_state(run, model, tx, rng):
   return state_lib.create_train_state(model, tx, rng, None, variables=variables)
 
 
-def _check_identity(config, data, workdir, checkpointer=None):
+def _check_identity(config, data, workdir, checkpointer=None, extra=()):
   """Refuses a workdir that holds a run of another config or data (before anything is restored); returns
   the run's identity. With a `checkpointer` (training), the latest checkpoint's own record of its run is
-  compared first and the identity recorded where there is none; without (prediction), it is only checked."""
+  compared first and the identity recorded where there is none; without (prediction), it is only checked.
+  The data are the 2020 tables and records and the files of the `extra` external sets."""
   run_identity = identity.of_data(config, workdir, data.train_df.attrs["path"], data.test_df.attrs["path"],
-                                  data.train_files + data.test_files)
+                                  data.train_files + data.test_files + [f for e in extra for f in e.files()])
   latest = checkpointer.latest_step() if checkpointer is not None else None
   if latest is not None:  # Before recording: a deleted run.json must not let another config resume.
     identity.check_checkpoint(workdir, checkpointer.read_meta(latest), checkpointer.step_dir(latest),
@@ -102,15 +104,17 @@ def train(config, workdir, start_time=None):
   os.makedirs(workdir, exist_ok=True)
   identity.check_config(workdir, config)  # Before the data: another config must not regenerate this run's.
   data = data_lib.resolve_data(run, workdir)
+  extra = data_lib.external_sets(run)
   checkpointer = trained_lib.checkpointer(run, workdir)
   try:
-    run_identity = _check_identity(config, data, workdir, checkpointer)
+    run_identity = _check_identity(config, data, workdir, checkpointer, extra)
     split = data_lib.make_split(run, data)
-    pipeline = data_lib.make_pipeline(run, data, split)
+    pipeline = data_lib.make_pipeline(run, data, split, extra)
     finished = loop.finished_meta(checkpointer, run.num_epochs)
     if finished is None:
       meta, steps_run, images_per_sec = _fit(run, config, workdir, pipeline, split, data, checkpointer,
-                                             identity.for_checkpoint(run_identity))
+                                             identity.for_checkpoint(run_identity),
+                                             data_lib.training_class_counts(run, data, split, extra))
     else:
       meta, steps_run, images_per_sec = finished, checkpointer.latest_step(), float("nan")
       logging.info("fold %d: training already finished in an earlier run (%d epochs%s); not training again",
@@ -119,7 +123,7 @@ def train(config, workdir, start_time=None):
   finally:
     checkpointer.close()
 
-  outputs = predict(config, workdir, prepared=(run, data, split, pipeline), reuse_scores=True)
+  outputs = predict(config, workdir, prepared=(run, data, split, pipeline, extra), reuse_scores=True)
   history = meta["history"]
   results = {
       "val_auc": history[-1]["val_auc"] if history else None,
@@ -133,6 +137,8 @@ def train(config, workdir, start_time=None):
       "global_batch": run.global_batch,
       "devices": run.num_devices,
       "processes": run.process_count,
+      # Training images per source: the fold's 2020 rows and each external set (validation is 2020 only).
+      "training_images": {"2020": len(split.train_df), **{e.directory: e.num_images for e in extra}},
       "outputs": outputs,
   }
   path = write_results(workdir, results, config)
@@ -140,13 +146,16 @@ def train(config, workdir, start_time=None):
   return results
 
 
-def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded):
+def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded, class_counts=None):
   """The fit loop of the run: (meta of its last checkpoint, steps, training images/s). Every checkpoint's
-  meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`."""
-  weights = data_lib.stream_class_weights(run, pipeline)
+  meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`; `class_counts` are a
+  diagnosis target's training images per class."""
+  weights = data_lib.stream_class_weights(run, pipeline, class_counts)
   logging.info("global batch %d on %d device(s) of %d process(es), %d steps/epoch, malignant share of the stream "
-               "%.3f, class weights %.3f / %.3f", run.global_batch, run.num_devices, run.process_count,
-               pipeline.steps_per_epoch, pipeline.positive_share(), *weights)
+               "%.3f, class weights %s", run.global_batch, run.num_devices, run.process_count,
+               pipeline.steps_per_epoch, pipeline.positive_share(), " / ".join(f"{w:.3f}" for w in weights))
+  # The validation loss is the binary one of p(melanoma); a diagnosis target's weights are per class.
+  binary_weights = weights if run.target != "diagnosis" else (1.0, 1.0)
   model = run.build_model()
   tx, schedule = setup.build_optimizer(run.optimizer, pipeline.steps_per_epoch)
   state = initial_state(run, model, tx, jax.random.PRNGKey(run.seed))
@@ -160,7 +169,7 @@ def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded):
   def evaluate(state):
     scores = trained_lib.score_split(p_predict, state, pipeline, pipeline.val_dataset(), data.train_files,
                                      list(split.val_df["image_name"]), "the validation fold")
-    return validation_metrics(scores.targets, scores.probabilities, weights)
+    return validation_metrics(scores.targets, scores.probabilities, binary_weights)
 
   plan = loop.Plan(num_epochs=run.num_epochs, steps_per_epoch=pipeline.steps_per_epoch,
                    global_batch=run.global_batch, log_every_steps=run.log_every_steps, monitor="val_auc")
@@ -209,10 +218,10 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
     run = setup.resolve(config)
     identity.check_config(workdir, config)
     data = data_lib.resolve_data(run, workdir)
-    _check_identity(config, data, workdir)
+    _check_identity(config, data, workdir, extra=data_lib.external_sets(run))
     split = data_lib.make_split(run, data)
-    prepared = (run, data, split, data_lib.make_pipeline(run, data, split))
-  run, data, split, pipeline = prepared
+    prepared = (run, data, split, data_lib.make_pipeline(run, data, split), ())  # Scores 2020 images only.
+  run, data, split, pipeline, _ = prepared
   # Every prediction first, then every file: a run killed half-way leaves the previous outputs whole.
   scores, epoch = _scores(run, data, split, pipeline, workdir, reuse_scores)
   names, targets, probs = scores.val.names, scores.val.targets, scores.val.probabilities
@@ -220,6 +229,9 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
   by_name = split.val_df.set_index("image_name")
   oof = pd.DataFrame({"image_name": names, "patient_id": by_name.loc[names, "patient_id"].to_numpy(),
                       "target": targets.astype(int), "prediction": probs, "fold": run.fold})
+  if scores.val.classes is not None:  # A diagnosis target: each class's probability; prediction is p_MEL.
+    for column, values in zip(diagnosis.class_columns(), scores.val.classes.T):
+      oof[column] = values
   submission = pd.DataFrame({"image_name": test_names, "target": test_probs})
   submission = submission.set_index("image_name").reindex(data.test_df["image_name"])
   skipped = submission["target"].isna()
@@ -239,7 +251,7 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
     clinical.write_report(workdir, clinical.with_context(oof, split.val_df), {"image": "prediction"}, title)
   report_path = os.path.join(workdir, "report.html")
   logging.info("best checkpoint (epoch %d): validation AUC %.4f%s; wrote %s, %s, %s", epoch, auc,
-               " with flip TTA" if run.tta else "", submission_path, oof_path, roc_path)
+               f" with TTA over {run.tta} views" if run.tta > 1 else "", submission_path, oof_path, roc_path)
   return {"submission": submission_path, "oof": oof_path, "roc": roc_path, "report": report_path,
           "scores": os.path.join(workdir, trained_lib.SCORES), "predict_val_auc": auc, "tta": run.tta,
           "checkpoint": {"step": scores.checkpoint_step, "epoch": int(epoch), "fold": run.fold}}

@@ -49,12 +49,13 @@ class ModelWeights:
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
-  """Scored images: probabilities float64 [N]; embeddings float32 [N, F] or None; names and targets when
-  they came from records."""
+  """Scored images: probabilities (of melanoma) float64 [N]; embeddings float32 [N, F] or None; names and
+  targets when they came from records; a diagnosis model's class probabilities [N, K] with embeddings."""
   probabilities: np.ndarray
   embeddings: Optional[np.ndarray] = None
   names: Optional[list] = None
   targets: Optional[np.ndarray] = None
+  classes: Optional[np.ndarray] = None
 
 
 def predict_step(model, tta, embeddings):
@@ -62,16 +63,20 @@ def predict_step(model, tta, embeddings):
   return steps.p_predict(steps.make_predict_step(model, tta=tta, embeddings=embeddings))
 
 
-def _split_outputs(outputs, embeddings):
+def _split_outputs(outputs, embeddings, num_classes=1):
+  """(probabilities, embeddings, class probabilities) of a predict step's outputs (steps.make_predict_step)."""
   if not embeddings:
-    return outputs.reshape(-1), None
-  return outputs[:, 0], outputs[:, 1:].astype(np.float32)
+    return outputs.reshape(-1), None, None
+  first = 1 + (num_classes if num_classes > 1 else 0)
+  classes = outputs[:, 1:first] if num_classes > 1 else None
+  return outputs[:, 0], outputs[:, first:].astype(np.float32), classes
 
 
-def score_split(p_step, weights, pipeline, dataset, record_files, table_names, what, embeddings=False) -> Scores:
+def score_split(p_step, weights, pipeline, dataset, record_files, table_names, what, embeddings=False,
+                num_classes=1) -> Scores:
   """Scores of every image of `table_names` (the validation rows or test.csv) exactly once, in the table's
-  order, from `dataset` of `pipeline`; `p_step` is a `predict_step(..., embeddings)` and `weights` a train
-  state or `ModelWeights`. With several processes, every process's share is gathered (the same in every
+  order, from `dataset` of `pipeline`; `p_step` is a `predict_step(..., embeddings)` of a model with
+  `num_classes` outputs and `weights` a train state or `ModelWeights`. With several processes, every process's share is gathered (the same in every
   process). Refuses records missing from or extra to the table."""
   out = predict_lib.collect(p_step, weights, pipeline.device_batches(dataset, record_files), what)
   position = {n: i for i, n in enumerate(table_names)}
@@ -88,9 +93,10 @@ def score_split(p_step, weights, pipeline, dataset, record_files, table_names, w
   if (index < 0).any():
     raise InputError(f"{source}: {what} records hold {int((index < 0).sum())} image(s) its CSV lacks")
   order = np.argsort(index, kind="stable")
-  probabilities, features = _split_outputs(rows["outputs"][order].astype(np.float64), embeddings)
+  probabilities, features, classes = _split_outputs(rows["outputs"][order].astype(np.float64), embeddings,
+                                                    num_classes)
   return Scores(probabilities, features, [table_names[i] for i in index[order]],
-                rows["targets"][order].astype(np.float64))
+                rows["targets"][order].astype(np.float64), classes)
 
 
 class TrainedModel:
@@ -121,9 +127,13 @@ class TrainedModel:
     return self.run.global_batch
 
   @property
+  def num_classes(self):
+    return int(self.run.model_kwargs.get("num_classes", 1))
+
+  @property
   def description(self):
     return (f"{self.run.model_name} {self.image_size}x{self.image_size}, best checkpoint of epoch {self.epoch} "
-            f"(step {self.checkpoint_step}){', flip TTA' if self.tta else ''}")
+            f"(step {self.checkpoint_step}){f', TTA over {self.tta} views' if self.tta > 1 else ''}")
 
   def predict_step(self, embeddings=False):
     """The compiled predict step (one per choice, built on first use)."""
@@ -138,11 +148,12 @@ class TrainedModel:
       return Scores(np.zeros(0), np.zeros((0, 0), np.float32) if embeddings else None)
     out = predict_lib.collect(self.predict_step(embeddings), self.weights,
                           predict_lib.array_batches(images, self.global_batch), "predictions")["outputs"]
-    return Scores(*_split_outputs(out, embeddings))
+    probabilities, features, classes = _split_outputs(out, embeddings, self.num_classes)
+    return Scores(probabilities, features, classes=classes)
 
   def score_split(self, pipeline, dataset, record_files, table_names, what, embeddings=False) -> Scores:
     return score_split(self.predict_step(embeddings), self.weights, pipeline, dataset, record_files, table_names,
-                       what, embeddings)
+                       what, embeddings, self.num_classes)
 
 
 def checkpointer(run, workdir):
@@ -151,10 +162,11 @@ def checkpointer(run, workdir):
                                      max_to_keep=run.checkpoints_to_keep)
 
 
-def recorded_run(workdir, tta: Optional[bool] = None) -> setup.ImageRun:
-  """The resolved run `workdir` recorded (`tta` None: its own setting), its batch filling this machine's
-  devices whatever split of the global batch training used."""
-  config = identity.recorded_config(workdir, None if tta is None else {"tta": bool(tta)})
+def recorded_run(workdir, tta: Optional[int] = None) -> setup.ImageRun:
+  """The resolved run `workdir` recorded (`tta` None: its own setting, else a number of views as
+  `config.tta` takes it), its batch filling this machine's devices whatever split of the global batch
+  training used."""
+  config = identity.recorded_config(workdir, None if tta is None else {"tta": tta})
   config.global_batch_size = 0
   try:
     return setup.resolve(config)
@@ -173,7 +185,7 @@ def unfinished_reason(workdir, latest_meta, num_epochs):
   return ""
 
 
-def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[bool] = None) -> TrainedModel:
+def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[int] = None) -> TrainedModel:
   """The TrainedModel of the best checkpoint in `workdir` (`run` None: the run it recorded, see
   `recorded_run`); one-line InputError when there is none."""
   run = run or recorded_run(workdir, tta)
@@ -207,7 +219,7 @@ class RunScores:
   """What an image run's prediction scored (WORKDIR/scores.npz): the validation fold and the test images,
   with the checkpoint step and TTA setting they came from."""
   checkpoint_step: int
-  tta: bool
+  tta: int  # Views.
   val: Scores
   test: Scores
 
@@ -215,10 +227,12 @@ class RunScores:
     """Writes WORKDIR/scores.npz atomically (process 0; every process holds the same scores)."""
     if not distributed.is_primary():
       return
-    arrays = {"checkpoint_step": np.int64(self.checkpoint_step), "tta": np.bool_(self.tta)}
+    arrays = {"checkpoint_step": np.int64(self.checkpoint_step), "tta": np.int64(self.tta)}
     for split, scores in (("val", self.val), ("test", self.test)):
       arrays.update({f"{split}_names": np.asarray(scores.names, str), f"{split}_targets": scores.targets,
                      f"{split}_probabilities": scores.probabilities, f"{split}_embeddings": scores.embeddings})
+      if scores.classes is not None:
+        arrays[f"{split}_classes"] = scores.classes
     with files.atomic_path(os.path.join(workdir, SCORES)) as tmp, open(tmp, "wb") as f:
       np.savez(f, **arrays)
 
@@ -228,13 +242,14 @@ def load_scores(workdir, checkpoint_step=None, tta=None) -> Optional[RunScores]:
   setting than those given."""
   try:
     with np.load(os.path.join(workdir, SCORES), allow_pickle=False) as saved:
-      scores = RunScores(int(saved["checkpoint_step"]), bool(saved["tta"]), *(
+      scores = RunScores(int(saved["checkpoint_step"]), setup.tta_views(saved["tta"].item()), *(
           Scores(saved[f"{s}_probabilities"], saved[f"{s}_embeddings"], saved[f"{s}_names"].tolist(),
-                 saved[f"{s}_targets"]) for s in ("val", "test")))
+                 saved[f"{s}_targets"], saved[f"{s}_classes"] if f"{s}_classes" in saved else None)
+          for s in ("val", "test")))
   except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
     return None
   if checkpoint_step is not None and scores.checkpoint_step != checkpoint_step:
     return None
-  if tta is not None and scores.tta != bool(tta):
+  if tta is not None and scores.tta != setup.tta_views(tta):
     return None
   return scores

@@ -29,8 +29,8 @@ def one_model_only(workdir, what):
   return ensemble.one_model_only(workdir, what)
 
 
-def load_predictor(workdir, tta: Optional[bool] = None):
-  """The predictor of `workdir` (`tta` None: the run's own setting); see the module doc."""
+def load_predictor(workdir, tta: Optional[int] = None):
+  """The predictor of `workdir` (`tta` None: the run's own setting, else a number of views); see the module doc."""
   if kind_of(workdir) == ENSEMBLE:
     return ensemble.load(workdir, tta)
   return image.load_best(workdir, tta=tta)

@@ -2,7 +2,7 @@
 
 Both run through the Flax model itself (inference mode), with JAX's gradients:
 * Grad-CAM (Selvaraju et al. 2017): the model's last feature map A (sown as intermediates/.../feature_map by
-  `inception_resnet_v2.feature_map_hooks`) and d logit / d A, read as the gradient of the zero perturbation
+  `backbone_io.feature_map_hooks`) and d logit / d A, read as the gradient of the zero perturbation
   the same hook adds (Flax's `perturb`); channel weights are the spatial means of that gradient, the map is
   relu(sum_c w_c A_c), bilinearly upsampled to the image. Its resolution is the feature map's: 1x1 for
   InceptionResNetV2 at 75x75, 8x8 at 299x299, so saliency needs images of about 299 pixels or more.
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from melanoma_jax import models
 from melanoma_jax.utils import files
 
 FEATURE_MAP = "feature_map"
@@ -45,7 +46,7 @@ def grad_cam(model, variables, x):
   def logit(perturbations):
     out, inter = model.apply({**variables, "perturbations": perturbations}, x, train=False,
                              mutable=["intermediates"])
-    return out.sum(), flax.traverse_util.flatten_dict(inter["intermediates"])[path][0]
+    return models.melanoma_logit(out).sum(), flax.traverse_util.flatten_dict(inter["intermediates"])[path][0]
 
   grads, feature_map = jax.grad(logit, has_aux=True)(zeros)
   weights = flax.traverse_util.flatten_dict(grads)[path].mean(axis=(1, 2))  # [B, C]
@@ -58,7 +59,7 @@ def grad_cam(model, variables, x):
 def smoothgrad(model, variables, x, samples=SMOOTHGRAD_SAMPLES, noise=SMOOTHGRAD_NOISE, seed=0):
   """[B, S, S] SmoothGrad maps in [0, 1] (clipped at each image's 99th percentile) of images `x` in [-1, 1]."""
   sigma = noise * 2.0  # The [-1, 1] input range.
-  grad = jax.grad(lambda v: model.apply(variables, v, train=False).astype(jnp.float32).sum())
+  grad = jax.grad(lambda v: models.melanoma_logit(model.apply(variables, v, train=False)).sum())
 
   def add(i, total):
     eps = sigma * jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), x.shape, x.dtype)

@@ -11,6 +11,8 @@ from melanoma_jax.models.backbones import min_image_size
 from melanoma_jax.models.classifier import Head
 from melanoma_jax.models.classifier import init_with_pretrained_backbone
 from melanoma_jax.models.classifier import MelanomaClassifier
+from melanoma_jax.models.classifier import melanoma_logit
+from melanoma_jax.models.classifier import melanoma_probability
 from melanoma_jax.models.classifier import with_pretrained_backbone
 from melanoma_jax.models.factory import build_model
 from melanoma_jax.models.factory import CLASSIFIERS
@@ -37,6 +39,8 @@ __all__ = [
     "backbone",
     "build_model",
     "init_with_pretrained_backbone",
+    "melanoma_logit",
+    "melanoma_probability",
     "min_image_size",
     "with_pretrained_backbone",
 ]

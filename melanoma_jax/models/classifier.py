@@ -25,10 +25,12 @@ _TOP = "predictions"
 
 
 class Head(nn.Module):
-  """Dense(size) + ReLU + Dropout for each size, then Dense(1); returns logits [B] in float32."""
+  """Dense(size) + ReLU + Dropout for each size, then Dense(num_classes); returns float32 logits [B] (one
+  class: the malignant logit) or [B, num_classes] (a softmax's, `data.diagnosis.CLASSES`)."""
   sizes: Sequence[int] = (512, 256, 64, 16)
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  num_classes: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -37,7 +39,8 @@ class Head(nn.Module):
     for i, size in enumerate(self.sizes):
       x = nn.relu(dense(size, f"dense_{i}", self.dtype)(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"dropout_{i}")(x)
-    return dense(1, "logit", jnp.float32)(x)[:, 0]
+    logits = dense(self.num_classes, "logit", jnp.float32)(x)
+    return logits[:, 0] if self.num_classes == 1 else logits
 
 
 class MelanomaClassifier(nn.Module):
@@ -51,6 +54,7 @@ class MelanomaClassifier(nn.Module):
     remat: recompute the backbone's residual blocks in the backward pass (saves memory).
     bn_axis_name: pmap axis over which BatchNorm averages batch statistics in training.
     kernels: the backbone's XLA:CPU workarounds ("auto", "cpu", "xla" or a `Kernels`; models/kernels.py).
+    num_classes: 1 (a malignant logit per image) or the classes of a diagnosis softmax (`Head`).
   """
   head_sizes: Sequence[int] = (512, 256, 64, 16)
   dropout_rate: float = 0.1
@@ -59,10 +63,11 @@ class MelanomaClassifier(nn.Module):
   bn_axis_name: Optional[str] = None
   kernels: Union[str, Kernels] = "auto"
   backbone_name: str = backbones.INCEPTION_RESNET_V2
+  num_classes: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool, train_backbone: bool = True):
-    """NHWC images in [-1, 1] -> logits [B].
+    """NHWC images in [-1, 1] -> logits [B] (or [B, num_classes]).
 
     `train_backbone=False` (a frozen backbone): the backbone's BatchNorm runs in inference mode whatever
     `train` is, and no gradient flows into the backbone (stop_gradient on its features); the head still
@@ -75,7 +80,7 @@ class MelanomaClassifier(nn.Module):
       features = jax.lax.stop_gradient(features)
     # The pooled backbone features, e.g. for the ensemble's patient context (`mutable=["intermediates"]`).
     self.sow("intermediates", "embedding", features)
-    return Head(tuple(self.head_sizes), self.dropout_rate, self.dtype, name="head")(features, train)
+    return Head(tuple(self.head_sizes), self.dropout_rate, self.dtype, self.num_classes, name="head")(features, train)
 
 
 def _replace_tree(current, new, where: str):
@@ -127,7 +132,7 @@ def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
   size = backbones.min_image_size(model.backbone_name)
   abstract = jax.eval_shape(
       lambda: model.init({"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3)), train=False))
-  head = Head(tuple(model.head_sizes), model.dropout_rate, model.dtype).init(
+  head = Head(tuple(model.head_sizes), model.dropout_rate, model.dtype, model.num_classes).init(
       {"params": rng}, jnp.zeros((1, backbones.features(model.backbone_name)), jnp.float32), train=False)
   params = dict(abstract["params"])
   params["head"] = _replace_tree(abstract["params"]["head"], head["params"], "params/head")
@@ -136,10 +141,27 @@ def init_with_pretrained_backbone(model: MelanomaClassifier, rng: jax.Array,
 
 def build(*, dtype: Any = jnp.float32, head_sizes: Sequence[int] = (512, 256, 64, 16), dropout_rate: float = 0.1,
           remat: bool = False, bn_axis_name: Optional[str] = None,
-          kernels: Union[str, Kernels] = "auto",
+          kernels: Union[str, Kernels] = "auto", num_classes: int = 1,
           backbone_name: str = backbones.INCEPTION_RESNET_V2) -> MelanomaClassifier:
   """The melanoma classifier (backbone `backbone_name` + `Head`) from plain values (`models.build_model`'s
   "inception_resnet_v2" and "efficientnet_b0" ... "efficientnet_b7")."""
   return MelanomaClassifier(head_sizes=tuple(head_sizes), dropout_rate=float(dropout_rate), dtype=dtype,
                             remat=bool(remat), bn_axis_name=bn_axis_name, kernels=kernels,
-                            backbone_name=backbone_name)
+                            backbone_name=backbone_name, num_classes=int(num_classes))
+
+
+def melanoma_probability(outputs):
+  """p(malignant) [B] of a classifier's outputs: sigmoid of a logit [B], or the MEL column (class 0,
+  `data.diagnosis.MEL`) of the softmax of logits [B, K]."""
+  outputs = outputs.astype(jnp.float32)
+  return jax.nn.sigmoid(outputs) if outputs.ndim == 1 else jax.nn.softmax(outputs, axis=-1)[:, 0]
+
+
+def melanoma_logit(outputs):
+  """The malignant log-odds [B] of a classifier's outputs (what saliency explains): the logit itself, or
+  log p(MEL) - log(1 - p(MEL)) of a softmax."""
+  outputs = outputs.astype(jnp.float32)
+  if outputs.ndim == 1:
+    return outputs
+  log_p = jax.nn.log_softmax(outputs, axis=-1)
+  return log_p[:, 0] - jax.nn.logsumexp(log_p[:, 1:], axis=-1)

@@ -14,6 +14,9 @@ program XLA sees:
   of the input (the kh*kw shifted views side by side on channels) contracted with the output gradient in
   one matrix product, instead of XLA's "batch as features" convolution, which ran at a third of the
   forward convolution's speed on the stem convolutions. The input gradient is XLA's own.
+* `bf16_dots`: with a bfloat16 compute dtype, `SpatialConv` is `im2col_dot_conv`, forward and gradients as
+  bfloat16 matrix products accumulated in float32: XLA:CPU runs dots, not convolutions, on the AMX and
+  AVX512-BF16 units. `kernels.resolve` turns it on only on CPUs that have them.
 
 Found with jax.profiler traces of the 299x299 batch-8 training step; what each flag is worth to the whole
 step is measured by benchmarks/cpu_kernels.py (figures in docs/performance.md).
@@ -131,9 +134,67 @@ class SpatialConv(nn.Module):
     return spatial(x, kernel, self.strides, self.padding, resolve(self.kernels))
 
 
+# Per layer of InceptionResNetV2 at 299 (benchmarks/bf16_convs.py), the matrix products won from 64 input
+# channels up (1.2-4x) and lost below, where a few channels over a large map give long thin columns (0.45x
+# for 32 -> 32 at 149x149).
+BF16_DOTS_MIN_CHANNELS = 64
+
+
 def spatial(x, kernel, strides, padding, kernels: Kernels):
-  """The convolution `SpatialConv` computes: `conv2d` with `im2col_grad`, else XLA's own gradient too."""
+  """The convolution `SpatialConv` computes: `im2col_dot_conv` for bfloat16 with `bf16_dots` (from
+  BF16_DOTS_MIN_CHANNELS input channels), `conv2d` with `im2col_grad`, else XLA's own convolution and
+  gradient."""
+  if (kernels.bf16_dots and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+      and x.shape[-1] >= BF16_DOTS_MIN_CHANNELS):
+    return im2col_dot_conv(x, kernel, tuple(strides), padding)
   return (conv2d if kernels.im2col_grad else _conv)(x, kernel, tuple(strides), padding)
+
+
+def _im2col_forward(x, kernel, strides, padding):
+  """(y, padded x) of an NHWC x HWIO convolution as im2col columns times the kernel, one bfloat16 matrix
+  product accumulated in float32."""
+  kh, kw, cin, cout = kernel.shape
+  pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  ho = (xp.shape[1] - kh) // strides[0] + 1
+  wo = (xp.shape[2] - kw) // strides[1] + 1
+  columns = _columns(xp, kh, kw, ho, wo, strides)
+  y = lax.dot_general(columns, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                      preferred_element_type=jnp.float32)
+  return y.astype(x.dtype), xp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def im2col_dot_conv(x, kernel, strides: Tuple[int, int], padding: Padding):
+  """A bfloat16 NHWC x HWIO convolution whose forward and gradients are matrix products (bfloat16 inputs,
+  float32 accumulation), the shape XLA:CPU sends to the AMX / AVX512-BF16 units, which its bfloat16
+  convolutions do not reach: the forward is im2col columns x kernel, the input gradient dy x kernel^T
+  scattered back onto the input (col2im: the transpose of the column gather), the kernel gradient
+  columns^T x dy (`im2col_kernel_grad`)."""
+  return _im2col_forward(x, kernel, strides, padding)[0]
+
+
+def _im2col_dot_fwd(x, kernel, strides, padding):
+  y, _ = _im2col_forward(x, kernel, strides, padding)
+  return y, (x, kernel)
+
+
+def _im2col_dot_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
+  padded_shape = (x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1]), cin)
+  _, ho, wo, _ = dy.shape
+  d_columns = lax.dot_general(dy, kernel.reshape(kh * kw * cin, cout), (((3,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32).astype(x.dtype)
+  gather = lambda xp: _columns(xp, kh, kw, ho, wo, strides)
+  (d_xp,) = jax.linear_transpose(gather, jax.ShapeDtypeStruct(padded_shape, x.dtype))(d_columns)
+  dx = d_xp[:, pads[0][0]:pads[0][0] + x.shape[1], pads[1][0]:pads[1][0] + x.shape[2]]
+  d_kernel = im2col_kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
+  return dx, d_kernel
+
+
+im2col_dot_conv.defvjp(_im2col_dot_fwd, _im2col_dot_bwd)
 
 
 class PointwiseConv(nn.Module):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from melanoma_jax.models.conv import PointwiseConv, SpatialConv
 from melanoma_jax.models.depthwise import DepthwiseConv
-from melanoma_jax.models.inception_resnet_v2 import feature_map_hooks
+from melanoma_jax.models.backbone_io import check_nhwc, feature_map_hooks
 from melanoma_jax.models.kernels import Kernels, resolve
 from melanoma_jax.utils.errors import InputError
 
@@ -136,11 +136,7 @@ def correct_pad(size: Sequence[int], kernel: int) -> Tuple[Tuple[int, int], Tupl
 
 def check_input_shape(shape: Sequence[int]) -> None:
   """Raises InputError unless `shape` is NHWC with 3 channels and H, W >= MIN_IMAGE_SIZE."""
-  shape = tuple(shape)
-  if len(shape) != 4 or shape[-1] != 3 or shape[1] < MIN_IMAGE_SIZE or shape[2] < MIN_IMAGE_SIZE:
-    raise InputError(
-        f"EfficientNet expects images as [batch, height, width, 3] with height and width "
-        f">= {MIN_IMAGE_SIZE}; got an array of shape {shape}")
+  check_nhwc(shape, "EfficientNet", MIN_IMAGE_SIZE)
 
 
 def _batch_norm(module, train: bool, name: str) -> nn.BatchNorm:

@@ -39,8 +39,8 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
   * "inception_resnet_v2" and "efficientnet_b0" ... "efficientnet_b7": `MelanomaClassifier` (that backbone
     + the head of `head_sizes`), images of at least `backbones.min_image_size(name)` pixels a side: dtype,
-    head_sizes, dropout_rate, remat, bn_axis_name, kernels;
-  * "tiny": `TinyClassifier`: dtype, dropout_rate, bn_axis_name, kernels;
+    head_sizes, dropout_rate, remat, bn_axis_name, kernels, num_classes;
+  * "tiny": `TinyClassifier`: dtype, dropout_rate, bn_axis_name, kernels, num_classes;
   * "mlp": the tabular `MLP`: hidden_sizes, dropout_rate.
 
   `dtype` is a name in DTYPES (compute dtype; parameters stay float32); `kernels` one of KERNELS or a

@@ -17,10 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from melanoma_jax.models.backbone_io import check_nhwc, feature_map_hooks
 from melanoma_jax.models.conv import KERNEL_INIT, PointwiseConv, SpatialConv
 from melanoma_jax.models.kernels import Kernels, resolve
 from melanoma_jax.models.pooling import max_pool
-from melanoma_jax.utils.errors import InputError
 
 MIN_IMAGE_SIZE = 75  # The smallest input whose feature maps stay non-empty through the stem and reductions.
 FEATURES = 1536
@@ -201,26 +201,9 @@ def _divided_by_one(x):
 materialise.defvjp(lambda x: (_divided_by_one(x), None), lambda _, g: (g,))
 
 
-def feature_map_hooks(module: nn.Module, x):
-  """The last convolutional feature map, open to Flax's own inspection (both no-ops in training):
-
-  `sow`s it as intermediates/feature_map (with `mutable=["intermediates"]`) and adds the zero perturbation
-  perturbations/feature_map (present when the variables carry that collection), whose gradient is the
-  gradient with respect to the map: what Grad-CAM weighs the map's channels by.
-  """
-  if not module.is_initializing():  # Perturbations are the caller's to pass, never model variables.
-    x = module.perturb("feature_map", x)
-  module.sow("intermediates", "feature_map", x)
-  return x
-
-
 def check_input_shape(shape: Sequence[int]) -> None:
   """Raises InputError unless `shape` is NHWC with 3 channels and H, W >= MIN_IMAGE_SIZE."""
-  shape = tuple(shape)
-  if len(shape) != 4 or shape[-1] != 3 or shape[1] < MIN_IMAGE_SIZE or shape[2] < MIN_IMAGE_SIZE:
-    raise InputError(
-        f"InceptionResNetV2 expects images as [batch, height, width, 3] with height and width "
-        f">= {MIN_IMAGE_SIZE}; got an array of shape {shape}")
+  check_nhwc(shape, "InceptionResNetV2", MIN_IMAGE_SIZE)
 
 
 class InceptionResNetV2(nn.Module):

@@ -8,6 +8,7 @@ GPU) free to choose. What each one gains on the CPU is measured, one at a time a
 `benchmarks/cpu_kernels.py`.
 """
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import jax
@@ -31,6 +32,9 @@ class Kernels:
     materialise: each residual block's output computed once (`inception_resnet_v2.materialise`).
     depthwise_shifts: depthwise convolutions (EfficientNet's) as sums of shifted views, with a gradient of
       the same form (`depthwise.depthwise`).
+    bf16_dots: bfloat16 spatial convolutions as im2col matrix products, forward and backward
+      (`conv.im2col_dot_conv`); "auto" and "cpu" set it only where the CPU has bfloat16 matrix units
+      (`cpu_has_bf16_units`), and it acts only on a bfloat16 compute dtype.
   """
   pointwise_dot: bool
   pointwise_grad: bool
@@ -38,12 +42,33 @@ class Kernels:
   pool_grad: bool
   materialise: bool
   depthwise_shifts: bool
+  bf16_dots: bool = False
 
 
-CPU = Kernels(pointwise_dot=True, pointwise_grad=True, im2col_grad=True, pool_grad=True, materialise=True,
-              depthwise_shifts=True)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo's names of the bfloat16 matrix and vector units.
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+  """Whether this CPU has AMX-BF16 or AVX512-BF16 (read from `cpuinfo`'s flags; False where it cannot
+  be read, e.g. not Linux), the units XLA:CPU's bfloat16 dots use."""
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+  except OSError:
+    return False
+  return any(flag in flags for flag in BF16_FLAGS)
+
+
+def cpu_kernels(cpuinfo: str = "/proc/cpuinfo") -> Kernels:
+  """Every workaround on, `bf16_dots` only where `cpuinfo` shows bfloat16 units (today's path elsewhere)."""
+  return Kernels(pointwise_dot=True, pointwise_grad=True, im2col_grad=True, pool_grad=True, materialise=True,
+                 depthwise_shifts=True, bf16_dots=cpu_has_bf16_units(cpuinfo))
+
+
+CPU = cpu_kernels()  # This machine's.
 XLA = Kernels(pointwise_dot=False, pointwise_grad=False, im2col_grad=False, pool_grad=False, materialise=False,
-              depthwise_shifts=False)
+              depthwise_shifts=False, bf16_dots=False)
 
 
 def check(choice: Union[str, Kernels]) -> None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from melanoma_jax.models.conv import SpatialConv
-from melanoma_jax.models.inception_resnet_v2 import feature_map_hooks
+from melanoma_jax.models.backbone_io import feature_map_hooks
 from melanoma_jax.models.kernels import Kernels
 
 
@@ -43,6 +43,7 @@ class TinyClassifier(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   kernels: Union[str, Kernels] = "auto"
+  num_classes: int = 1  # As MelanomaClassifier's: logits [B], or [B, num_classes] for a diagnosis softmax.
 
   @nn.compact
   def __call__(self, x, train: bool, train_backbone: bool = True):
@@ -53,10 +54,12 @@ class TinyClassifier(nn.Module):
       x = jax.lax.stop_gradient(x)
     self.sow("intermediates", "embedding", x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(1, dtype=self.dtype, name="head")(x)[..., 0].astype(jnp.float32)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+    return logits[..., 0] if self.num_classes == 1 else logits
 
 
 def build(*, dtype: Any = jnp.float32, dropout_rate: float = 0.1, bn_axis_name: Optional[str] = None,
-          kernels: Union[str, Kernels] = "auto") -> TinyClassifier:
+          kernels: Union[str, Kernels] = "auto", num_classes: int = 1) -> TinyClassifier:
   """The tiny classifier from plain values (`models.build_model`'s "tiny")."""
-  return TinyClassifier(dropout_rate=float(dropout_rate), dtype=dtype, bn_axis_name=bn_axis_name, kernels=kernels)
+  return TinyClassifier(dropout_rate=float(dropout_rate), dtype=dtype, bn_axis_name=bn_axis_name, kernels=kernels,
+                        num_classes=int(num_classes))

@@ -44,6 +44,9 @@ MAY_CHANGE = {
 # Fields added to the config after runs were recorded, with the value every earlier run had.
 ADDED = {
     "synthetic.generator": "dermoscopy",  # Another generator also changes the data digest (its record files).
+    "optimizer.schedule": "seed",
+    "target": "melanoma",
+    "extra_data": "",
 }
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from melanoma_jax import models
 from melanoma_jax.training import losses
 from melanoma_jax.training.state import model_variables
 from melanoma_jax.utils.errors import InputError
@@ -42,6 +43,10 @@ def global_batch_size(requested, per_device, num_devices, num_processes=1):
 def make_train_step(model, class_weights, label_smoothing=0.0, frozen_backbone=False):
   """train_step(state, batch) -> (state, metrics); batch = {'x', 'y', 'mask'}, one device's shard.
 
+  A model with one logit per image trains on the binary `y` with `class_weights` (w_benign, w_malignant);
+  one with logits [B, K] (a diagnosis target) on the class indices batch['label'], `class_weights` one per
+  class.
+
   `frozen_backbone`: the model runs with `train_backbone=False` (backbone BatchNorm in inference mode) and
   the 'backbone' parameters are constants of the step: no gradient, so no backward pass through the
   backbone, and kept exactly as they are whatever the optimizer (weight decay included) would do.
@@ -64,7 +69,10 @@ def make_train_step(model, class_weights, label_smoothing=0.0, frozen_backbone=F
       out = model.apply(variables, batch["x"], train=True, rngs={"dropout": dropout_rng},
                         mutable=["batch_stats"] if has_stats else False, **call_args)
       logits, updates = out if has_stats else (out, {})
-      terms = losses.weighted_bce_terms(logits, batch["y"], weights, label_smoothing)
+      if logits.ndim == 2:
+        terms = losses.weighted_softmax_terms(logits, batch["label"], weights, label_smoothing)
+      else:
+        terms = losses.weighted_bce_terms(logits, batch["y"], weights, label_smoothing)
       return (terms * mask).sum() / jnp.maximum(global_count, 1.0), updates
 
     trainable = {k: v for k, v in state.params.items() if k not in frozen}
@@ -82,14 +90,31 @@ def make_train_step(model, class_weights, label_smoothing=0.0, frozen_backbone=F
   return train_step
 
 
+def tta_views(x, count):
+  """The `count` TTA views of NHWC images `x`: 1 the images, 2 with the horizontal flip, 3 with the
+  vertical flip too, 8 every flip and transpose of the square (the dihedral group: a lesion photo has no
+  up, down or handedness). `count` True/False are 3/1, as runs recorded them before views were counted."""
+  count = (3 if count else 1) if isinstance(count, bool) else int(count)
+  flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+  if count in (1, 2, 3):
+    return flips[:count]
+  if count == 8:
+    if x.shape[1] != x.shape[2]:
+      raise ValueError(f"8-view TTA transposes the image, which needs it square; got {x.shape[1:3]}")
+    return flips + [jnp.swapaxes(v, 1, 2) for v in flips]
+  raise ValueError(f"tta={count!r}: the number of views must be 1, 2, 3 or 8")
+
+
 def make_predict_step(model, tta=False, logits=False, embeddings=False):
   """predict_step(state, batch) -> float32 [per_device] of one device's shard, inference mode.
 
-  Probabilities (the mean over the image and its two flips when `tta`), or raw logits (`logits`, no TTA).
-  `embeddings`: [per_device, 1 + F] instead, the probability then the model's pooled backbone features
-  (its sown intermediates/embedding), both averaged over the TTA views.
+  Probabilities of melanoma (`models.melanoma_probability`: sigmoid of one logit, or the MEL column of a
+  diagnosis softmax; the mean over the `tta_views(x, tta)` views), or raw logits (`logits`, one view only).
+  `embeddings`: [per_device, 1 + K + F] instead, the probability, then a diagnosis model's K class
+  probabilities (none for a one-logit model), then the model's pooled backbone features (its sown
+  intermediates/embedding), all averaged over the TTA views.
   """
-  if logits and tta:
+  if logits and tta not in (False, 1):
     raise ValueError("logits are not averaged over TTA views")
 
   def apply(variables, x):
@@ -101,12 +126,15 @@ def make_predict_step(model, tta=False, logits=False, embeddings=False):
   def predict_step(state, batch):
     x = batch["x"]
     variables = model_variables(state)
-    views = [x, x[:, :, ::-1], x[:, ::-1]] if tta else [x]
-    outs = [apply(variables, v) for v in views]
-    first = sum((o if logits else jax.nn.sigmoid(o)) for o, _ in outs) / len(outs)
+    outs = [apply(variables, v) for v in tta_views(x, tta)]
+    mean = lambda values: sum(values) / len(outs)
+    if logits:
+      return outs[0][0]
+    first = mean([models.melanoma_probability(o) for o, _ in outs])
     if not embeddings:
       return first
-    return jnp.concatenate([first[:, None], sum(e for _, e in outs) / len(outs)], axis=1)
+    classes = [mean([jax.nn.softmax(o, axis=-1) for o, _ in outs])] if outs[0][0].ndim == 2 else []
+    return jnp.concatenate([first[:, None], *classes, mean([e for _, e in outs])], axis=1)
 
   return predict_step
 

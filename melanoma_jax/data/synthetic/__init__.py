@@ -25,10 +25,13 @@ bytes in any order, in any process.
 Modules, one job each: `seeding` (the random streams), `lesions` (patient styles, lesion parameters),
 `render` (pixels and JPEG), `plain` (the plain generator), `generators` (a generator by name), `patients`
 (the patient subset, hidden test labels), `contact_sheet`, `manifest` (reuse of a finished folder), `writer`
-(`generate_dataset`) and `__main__` (the command line):
+(`generate_dataset`), `archive` (`write_archive`: small downloads in the ISIC archive's 2019 and 2018 layouts,
+for `melanoma_jax.data.isic_archive`) and `__main__` (the command line):
 
   python -m melanoma_jax.data.synthetic --out DIR --num_patients 200 --image_size 128 --seed 0
+  python -m melanoma_jax.data.synthetic --out DOWNLOADS --archive 2019 --num_images 200 --image_size 64
 """
+from melanoma_jax.data.synthetic.archive import write_archive
 from melanoma_jax.data.synthetic.generators import GENERATORS
 from melanoma_jax.data.synthetic.lesions import LesionParams
 from melanoma_jax.data.synthetic.lesions import make_lesion_params
@@ -81,4 +84,5 @@ __all__ = [
     "select_patients",
     "select_test_patients",
     "stable_rng",
+    "write_archive",
 ]

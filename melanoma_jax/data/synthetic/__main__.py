@@ -2,6 +2,7 @@
 
   python -m melanoma_jax.data.synthetic --out DIR --num_patients 200 --image_size 128 --seed 0
   python -m melanoma_jax.data.synthetic --out DIR --generator plain --ugly_duckling 1
+  python -m melanoma_jax.data.synthetic --out DOWNLOADS --archive 2019 --num_images 200 --image_size 64
 """
 import argparse
 import json
@@ -30,9 +31,17 @@ def main(argv=None):
                       help="share of melanomas drawn as a stranger's typical nevus (0 = ordinary set, 1 = pure)")
   parser.add_argument("--generator", default=synthetic.GENERATORS[0],
                       help=f"one of {', '.join(synthetic.GENERATORS)}; plain needs --ugly_duckling 1")
+  parser.add_argument("--archive", type=int, choices=(2019, 2018), default=None,
+                      help="write a synthetic ISIC archive download of this year into --out instead (its image "
+                      "folder and CSVs; --num_images, --image_size, --seed)")
+  parser.add_argument("--num_images", "--num-images", type=int, default=24, help="images of --archive")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
+    if args.archive is not None:
+      summary = synthetic.write_archive(args.out, args.archive, args.num_images, args.seed, args.image_size)
+      print(json.dumps({k: v for k, v in summary.items() if k != "classes"}))
+      return 0
     summary = synthetic.generate_dataset(args.out, args.num_patients, args.image_size, args.seed,
                                          args.num_test_patients, num_shards=args.num_shards,
                                          min_malignant=args.min_malignant, num_workers=args.num_workers,

@@ -167,6 +167,13 @@ def render_lesion(rng, patient_style, malignant, size, ugly_duckling=0.0):
   if size < 8:
     raise InputError(f"image size must be >= 8 pixels, got {size}")
   params = lesions.make_lesion_params(rng, patient_style, bool(malignant), ugly_duckling)
+  return draw_lesion(rng, patient_style, params, size)
+
+
+def draw_lesion(rng, patient_style, params, size):
+  """The image of given lesion parameters, uint8 [size, size, 3]: the patient's skin, the lesion, light, hair."""
+  if size < 8:
+    raise InputError(f"image size must be >= 8 pixels, got {size}")
   rgb = _skin(rng, patient_style, size)
   alpha, colour = _lesion(rng, params, size)
   rgb += (colour - rgb) * alpha[..., None]

@@ -14,6 +14,7 @@ TEST_LABEL_STREAM = 2  # The hidden label of a synthetic test image; key: image_
 SELECT_STREAM = 3  # The train and the test patient subsets; keys: "select_patients", "select_test_patients".
 NEVUS_STREAM = 4  # Ugly-duckling sets only: a patient's nevus style, drawn apart from the skin; key: patient_id.
 PLAIN_STREAM = 5  # The plain generator only: a patient's style; key: patient_id.
+ARCHIVE_STREAM = 6  # ISIC archive layouts (`archive`): an image's class look and metadata; key: its ISIC id.
 
 
 def stable_rng(seed, key, stream):
