@@ -2,8 +2,9 @@
 weights, which Keras' own ONNX export (tf2onnx over a plain TF graph) turns into ONNX.
 
 `twin(trained)` -> keras.Model: float32 [B, S, S, 3] model inputs (NHWC, in [-1, 1], as the predict command's
-Reader makes them) -> float32 [B] probabilities, BatchNorm in inference mode, dropout off, and with the run's
-TTA the mean over the image and its two flips, as `training.steps.make_predict_step` computes them.
+Reader makes them) -> float32 [B] probabilities of melanoma (sigmoid of the one logit, or the MEL column of a
+diagnosis softmax: `models.melanoma_probability`), BatchNorm in inference mode, dropout off, and the mean over
+the run's TTA views (`training.steps.tta_views`), as `training.steps.make_predict_step` computes them.
 
 * "inception_resnet_v2": `keras.applications.InceptionResNetV2(include_top=False, pooling="avg")` plus Dense
   layers of the head's sizes. Its weights are put in through the converter's own layer mapping
@@ -25,6 +26,7 @@ import os
 
 import numpy as np
 
+from melanoma_jax.image import setup
 from melanoma_jax.models import backbones
 from melanoma_jax.models import efficientnet_keras
 from melanoma_jax.models import inception_resnet_v2_keras as irv2_keras
@@ -113,6 +115,27 @@ def _dense(keras_, params, activation=None):
   return layer, [np.asarray(params["kernel"], np.float32), np.asarray(params["bias"], np.float32)]
 
 
+def _melanoma_probability(keras_, logits):
+  """p(malignant) [B, 1] of logits [B, K], as `models.melanoma_probability`: the sigmoid of one logit, or the
+  MEL column (class 0) of a diagnosis softmax."""
+  if logits.shape[-1] == 1:
+    return keras_.layers.Activation("sigmoid")(logits)
+  return keras_.layers.Softmax()(logits)[:, :1]
+
+
+def _views(keras_, x, tta):
+  """The `tta` views of `x` as `training.steps.tta_views` makes them: 1 the images, 2 with the horizontal flip,
+  3 with the vertical flip too, 8 every flip and transpose (True/False: 3/1, as older runs recorded them)."""
+  count = setup.tta_views(tta)
+  flip = keras_.ops.flip
+  flips = [x, flip(x, axis=2), flip(x, axis=1), flip(flip(x, axis=1), axis=2)]
+  if count in (1, 2, 3):
+    return flips[:count]
+  if count == 8:
+    return flips + [keras_.ops.transpose(v, (0, 2, 1, 3)) for v in flips]
+  raise InputError(f"tta={tta!r}: the ONNX export takes 1, 2, 3 or 8 TTA views")
+
+
 def _core(keras_, model_name, variables, size):
   """The network without TTA: model inputs -> probabilities [B, 1], and the weights to set once it is built."""
   inputs = keras_.Input((size, size, 3), dtype="float32")
@@ -135,9 +158,10 @@ def _core(keras_, model_name, variables, size):
     head = variables["params"]["head"]
     hidden = sorted((k for k in head if k.startswith("dense_")), key=lambda k: int(k.split("_")[1]))
     for name in hidden + ["logit"]:
-      layer, weights = _dense(keras_, head[name], "relu" if name != "logit" else "sigmoid")
+      layer, weights = _dense(keras_, head[name], "relu" if name != "logit" else None)
       x = layer(x)
       pending.append((layer, weights))
+    x = _melanoma_probability(keras_, x)
   elif model_name == "tiny":
     params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
     x = inputs
@@ -149,8 +173,8 @@ def _core(keras_, model_name, variables, size):
       pending.append((bn, [np.asarray(a, np.float32) for a in (params[f"bn{i}"]["scale"], params[f"bn{i}"]["bias"],
                                                                stats[f"bn{i}"]["mean"], stats[f"bn{i}"]["var"])]))
     x = keras_.layers.GlobalAveragePooling2D()(x)
-    layer, weights = _dense(keras_, variables["params"]["head"], "sigmoid")
-    x = layer(x)
+    layer, weights = _dense(keras_, variables["params"]["head"])
+    x = _melanoma_probability(keras_, layer(x))
     pending.append((layer, weights))
   else:
     raise InputError(f"model {model_name!r} has no ONNX export (those that have: {', '.join(MODELS)})")
@@ -162,14 +186,11 @@ def _core(keras_, model_name, variables, size):
 
 def twin(model_name, variables, image_size, tta):
   """The Keras twin of model `model_name` (one of MODELS) with Flax `variables` ({'params', 'batch_stats'}) for
-  `image_size` pixels a side, averaged over flips when `tta`; see the module doc."""
+  `image_size` pixels a side, averaged over `tta` views (a number, or True/False); see the module doc."""
   keras_ = keras()
   size = int(image_size)
   core = _core(keras_, model_name, variables, size)
   inputs = keras_.Input((size, size, 3), dtype="float32", name="image")
-  if tta:  # The predict step's views: the image, flipped left-right (axis 2), flipped upside down (axis 1).
-    views = [inputs, keras_.ops.flip(inputs, axis=2), keras_.ops.flip(inputs, axis=1)]
-    probability = keras_.layers.Average()([core(v) for v in views])
-  else:
-    probability = core(inputs)
+  views = _views(keras_, inputs, tta)
+  probability = keras_.layers.Average()([core(v) for v in views]) if len(views) > 1 else core(inputs)
   return keras_.Model(inputs, keras_.ops.reshape(probability, (-1,)), name="melanoma_jax")

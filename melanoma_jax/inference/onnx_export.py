@@ -24,6 +24,7 @@ import shutil
 
 import numpy as np
 
+from melanoma_jax.image import setup
 from melanoma_jax.inference import keras_twin, outputs
 from melanoma_jax.utils.errors import InputError
 from melanoma_jax.utils.tf_host import tf
@@ -45,13 +46,16 @@ _CATCH_ERRORS = "TF2ONNX_CATCH_ERRORS"  # tf2onnx.constants.ENV_TF2ONNX_CATCH_ER
 
 
 def contract(image_size, tta):
-  """The input contract recorded in MARKER (and read back by the predict command)."""
+  """The input contract recorded in MARKER (and read back by the predict command); `tta` the run's views."""
+  views = setup.tta_views(tta)
   return {"input": INPUT, "output": OUTPUT, "dtype": "float32", "shape": ["batch", image_size, image_size, 3],
-          "layout": "NHWC", "channels": "RGB", "value_range": [-1.0, 1.0], "image_size": image_size, "tta": tta,
+          "layout": "NHWC", "channels": "RGB", "value_range": [-1.0, 1.0], "image_size": image_size, "tta": views,
           "preprocessing": ("decode JPEG/PNG to RGB (grey, RGBA, CMYK converted), resize to image_size x image_size "
                             "as the run's evaluation does, scale to [-1, 1] (x / 127.5 - 1): "
                             "melanoma_jax.inference.images.Reader"),
-          "output_meaning": "probability of malignancy" + (", mean over the image and its two flips" if tta else "")}
+          "output_meaning": "probability of malignancy" + (f", mean over {views} TTA views (image, horizontal flip, "
+                                                           "vertical flip, both, then each transposed)"
+                                                           if views > 1 else "")}
 
 
 def session(path, threads=0):

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from melanoma_jax.image import setup
 from melanoma_jax.inference import onnx_export
 from melanoma_jax.utils import files
 from melanoma_jax.utils.errors import InputError
@@ -33,7 +34,7 @@ class OnnxPredictor:
   def __init__(self, folder, record, model_file, threads=0):
     self.folder, self.record, self.model_file = folder, record, model_file
     self.image_size = int(record["contract"]["image_size"])
-    self.tta = bool(record["contract"]["tta"])
+    self.tta = setup.tta_views(record["contract"]["tta"])  # Views (exports before views were counted: True).
     self.global_batch = BATCH
     self.session = onnx_export.session(os.path.join(folder, model_file), threads)
 
@@ -60,6 +61,8 @@ def read_record(folder, flag="--exported"):
     if record.get("format") != "onnx" or not isinstance(record.get("files"), dict):
       raise ValueError("not an ONNX export's record")
     int(record["contract"]["image_size"])
+    if setup.tta_views(record["contract"].get("tta")) is None:
+      raise ValueError(f"contract tta {record['contract'].get('tta')!r} is not a number of views")
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise InputError(f"{path}: unreadable ({e}); export again") from None
   return record
