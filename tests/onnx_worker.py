@@ -3,9 +3,10 @@ Keras twins, tf2onnx, ONNX Runtime and int8 calibration never enter the pytest p
 memory is returned when it exits.
 
   ort MODEL X OUT        ONNX Runtime (and numpy) only: MODEL's probabilities of inputs X.npy -> OUT.npy.
-  random OUT_DIR NAME:SIZE ...
-                         Randomly initialised classifiers NAME (models.build_model) for SIZE-pixel images exported:
-                         OUT_DIR/NAME{.onnx, .x.npy, .want.npy}, `want` the JAX path's probabilities of `x`.
+  random OUT_DIR NAME:SIZE[:TTA:CLASSES] ...
+                         Randomly initialised classifiers NAME (models.build_model) for SIZE-pixel images exported
+                         (TTA views; CLASSES > 1: a diagnosis softmax): OUT_DIR/TAG{.onnx, .x.npy, .want.npy},
+                         `want` the JAX path's probabilities of `x` (TAG: the spec, ":" as "_").
   exports WORKDIR OUT    The export command (--format=onnx --quantize=int8 --force) -> OUT/onnx; then the int8
                          export under a bound no model meets (--max_auc_drop=-1), refused -> OUT/refused and
                          forced -> OUT/forced; what happened -> OUT/bound.json.
@@ -70,39 +71,44 @@ def _measured_statistics(name, variables, size):
   return dict(variables, batch_stats={"backbone": measured})
 
 
-def random_exports(out_dir, *models):
-  """`models`: NAME:SIZE pairs; writes OUT_DIR/NAME.onnx, NAME.x.npy, NAME.want.npy for each, or NAME.error.txt
-  with the traceback (the other models are still exported)."""
-  for model in models:
-    name, size = model.split(":")
+def random_exports(out_dir, *specs):
+  """`specs`: NAME:SIZE[:TTA:CLASSES] (TTA views, CLASSES outputs: 1 a logit, more a diagnosis softmax); writes
+  OUT_DIR/TAG.onnx, TAG.x.npy, TAG.want.npy for each (TAG: the spec, ":" as "_"), or TAG.error.txt with the
+  traceback (the other models are still exported)."""
+  for spec in specs:
+    name, size, tta, classes = (spec.split(":") + ["1", "1"])[:4]
+    tag = spec.replace(":", "_")
     try:
-      _random_export(name, int(size), out_dir)
+      _random_export(name, int(size), int(tta), int(classes), out_dir, tag)
     except Exception:  # pylint: disable=broad-except
-      with open(os.path.join(out_dir, f"{name}.error.txt"), "w", encoding="utf-8") as f:
+      with open(os.path.join(out_dir, f"{tag}.error.txt"), "w", encoding="utf-8") as f:
         f.write(traceback.format_exc())
 
 
-def _random_export(name, size, out_dir):
+def _random_export(name, size, tta, classes, out_dir, tag):
   from melanoma_jax import image, models  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
   from melanoma_jax.training import steps  # pylint: disable=g-import-not-at-top
-  model = models.build_model(name)
+  model = models.build_model(name, **({"num_classes": classes} if classes > 1 else {}))
   x = np.random.default_rng(1).uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
   variables = _random_variables(model, size)
   if name.startswith("efficientnet_"):
     variables = _measured_statistics(name, variables, size)
-  logits = np.asarray(steps.make_predict_step(model, logits=True)(image.ModelWeights(
-      variables["params"], variables["batch_stats"]), {"x": x}), np.float64)
-  # A random network's logits barely differ: the logit layer is rescaled to spread them over (0, 1). The expected
-  # probabilities follow from the JAX logits (one compile of the network, not two).
-  logit = variables["params"]["head"]["logit"]
-  scale, bias = 2 / logits.std(), float(logit["bias"][0])
-  logit["kernel"] = (logit["kernel"] * scale).astype(np.float32)
-  logit["bias"] = np.full(1, -(logits.mean() - bias) * scale, np.float32)
-  want = 1 / (1 + np.exp(-((logits - bias) * scale + float(logit["bias"][0]))))
-  onnx_export.write_onnx(name, variables, size, False, os.path.join(out_dir, f"{name}.onnx"))
-  np.save(os.path.join(out_dir, f"{name}.x.npy"), x)
-  np.save(os.path.join(out_dir, f"{name}.want.npy"), want)
+  weights = lambda: image.ModelWeights(variables["params"], variables["batch_stats"])
+  if tta > 1 or classes > 1 or "logit" not in variables["params"]["head"]:
+    want = np.asarray(steps.make_predict_step(model, tta=tta)(weights(), {"x": x}), np.float64)
+  else:
+    logits = np.asarray(steps.make_predict_step(model, logits=True)(weights(), {"x": x}), np.float64)
+    # A deep random network's logits barely differ: the logit layer is rescaled to spread them over (0, 1). The
+    # expected probabilities follow from the JAX logits (one compile of the network, not two).
+    logit = variables["params"]["head"]["logit"]
+    scale, bias = 2 / logits.std(), float(logit["bias"][0])
+    logit["kernel"] = (logit["kernel"] * scale).astype(np.float32)
+    logit["bias"] = np.full(1, -(logits.mean() - bias) * scale, np.float32)
+    want = 1 / (1 + np.exp(-((logits - bias) * scale + float(logit["bias"][0]))))
+  onnx_export.write_onnx(name, variables, size, tta, os.path.join(out_dir, f"{tag}.onnx"))
+  np.save(os.path.join(out_dir, f"{tag}.x.npy"), x)
+  np.save(os.path.join(out_dir, f"{tag}.want.npy"), want)
 
 
 def exports(workdir, out):

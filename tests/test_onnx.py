@@ -46,13 +46,15 @@ def _fresh_ort(model, x, tmp_path):
 
 @pytest.fixture(scope="module")
 def random_started(tmp_path_factory):
-  """onnx_worker.py random: randomly initialised EfficientNet-B0 (32x32, its smallest size) and
-  InceptionResNetV2 (75x75) exported, started before anything else of this module."""
+  """onnx_worker.py random: randomly initialised models exported, started before anything else of this module:
+  the tiny model with 8 TTA views and a 9-class diagnosis softmax, EfficientNet-B0 (32x32, its smallest
+  size) and InceptionResNetV2 (75x75)."""
   out = tmp_path_factory.mktemp("random")
   log = open(out / "stderr.txt", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
   # The smaller model first: what a process once held it keeps, so the larger one's peak is the process's.
   proc = subprocess.Popen([sys.executable, WORKER, "random", str(out),
-                           f"efficientnet_b0:{models.min_image_size('efficientnet_b0')}", "inception_resnet_v2:75"],
+                           "tiny:32:8:9", f"efficientnet_b0:{models.min_image_size('efficientnet_b0')}",
+                           "inception_resnet_v2:75"],
                           cwd=helpers.REPO, env=helpers.ENV, stdout=subprocess.DEVNULL, stderr=log)
   yield proc, out, log
   if proc.poll() is None:  # A test failed before waiting for it.
@@ -209,24 +211,29 @@ def test_int8_records_its_auc_pair_and_is_refused_past_the_bound(exports):
   assert forced["val_auc_fp32"] == pytest.approx(int8["val_auc_fp32"], abs=1e-9)
 
 
-def _random_export_equals_the_jax_path(random_started, name, tmp_path):
+def _random_export_equals_the_jax_path(random_started, tag, tmp_path, spread=0.1):
   proc, out, log = random_started
   code = proc.wait(timeout=600)
   log.seek(0)
   assert code == 0, log.read()[-3000:]
-  assert not (out / f"{name}.error.txt").exists(), (out / f"{name}.error.txt").read_text()[-3000:]
-  want = np.load(out / f"{name}.want.npy")
-  assert want.std() > 0.1, want  # The probabilities differ between the images: the comparison means something.
-  np.testing.assert_allclose(_fresh_ort(out / f"{name}.onnx", np.load(out / f"{name}.x.npy"), tmp_path), want,
+  assert not (out / f"{tag}.error.txt").exists(), (out / f"{tag}.error.txt").read_text()[-3000:]
+  want = np.load(out / f"{tag}.want.npy")
+  assert want.std() > spread, want  # The probabilities differ between the images: the comparison means something.
+  np.testing.assert_allclose(_fresh_ort(out / f"{tag}.onnx", np.load(out / f"{tag}.x.npy"), tmp_path), want,
                              rtol=0, atol=1e-4)
 
 
 def test_inception_resnet_v2_at_75_px_in_a_fresh_process_equals_the_jax_path(random_started, tmp_path):
-  _random_export_equals_the_jax_path(random_started, "inception_resnet_v2", tmp_path)
+  _random_export_equals_the_jax_path(random_started, "inception_resnet_v2_75", tmp_path)
 
 
 def test_efficientnet_b0_at_its_smallest_size_in_a_fresh_process_equals_the_jax_path(random_started, tmp_path):
-  _random_export_equals_the_jax_path(random_started, "efficientnet_b0", tmp_path)
+  _random_export_equals_the_jax_path(random_started, "efficientnet_b0_32", tmp_path)
+
+
+def test_eight_tta_views_and_a_diagnosis_softmax_in_a_fresh_process_equal_the_jax_path(random_started, tmp_path):
+  # p(MEL) of a 9-class softmax, the mean over the flips and transposes: the twin's views and output layer.
+  _random_export_equals_the_jax_path(random_started, "tiny_32_8_9", tmp_path, spread=1e-3)
 
 
 def test_this_process_never_loaded_an_exporter_or_onnx_runtime():
