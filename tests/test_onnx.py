@@ -7,8 +7,9 @@ process (Keras, TensorFlow, JAX) takes part in what is compared.
 Every export, Keras twin, ONNX Runtime session and int8 calibration runs in a fresh process
 (tests/onnx_worker.py, the predict command): this process, which in `make test` runs every test module in
 turn, never loads tf2onnx or ONNX Runtime or builds a Keras model, and the exporters' memory is returned when
-their process exits. The exports of a randomly initialised EfficientNet-B0 and InceptionResNetV2 are started
-first and run beside the tiny model's training and exports.
+their process exits. The exports of randomly initialised models (InceptionResNetV2, EfficientNet-B0, the tiny
+model with 8 TTA views and a diagnosis softmax) are started first and run beside the tiny model's training
+and exports.
 """
 import glob
 import json
@@ -47,14 +48,14 @@ def _fresh_ort(model, x, tmp_path):
 @pytest.fixture(scope="module")
 def random_started(tmp_path_factory):
   """onnx_worker.py random: randomly initialised models exported, started before anything else of this module:
-  the tiny model with 8 TTA views and a 9-class diagnosis softmax, EfficientNet-B0 (32x32, its smallest
-  size) and InceptionResNetV2 (75x75)."""
+  InceptionResNetV2 (75x75), EfficientNet-B0 (32x32, its smallest size) and the tiny model with 8 TTA views
+  and a 9-class diagnosis softmax."""
   out = tmp_path_factory.mktemp("random")
   log = open(out / "stderr.txt", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
-  # The smaller model first: what a process once held it keeps, so the larger one's peak is the process's.
-  proc = subprocess.Popen([sys.executable, WORKER, "random", str(out),
-                           "tiny:32:8:9", f"efficientnet_b0:{models.min_image_size('efficientnet_b0')}",
-                           "inception_resnet_v2:75"],
+  # The largest first: its conversion, the longest, runs beside the tiny model's training. The process keeps
+  # what the converter held (about 12 GB for InceptionResNetV2), and the smaller models reuse it.
+  proc = subprocess.Popen([sys.executable, WORKER, "random", str(out), "inception_resnet_v2:75",
+                           f"efficientnet_b0:{models.min_image_size('efficientnet_b0')}", "tiny:32:8:9"],
                           cwd=helpers.REPO, env=helpers.ENV, stdout=subprocess.DEVNULL, stderr=log)
   yield proc, out, log
   if proc.poll() is None:  # A test failed before waiting for it.
