@@ -342,6 +342,61 @@ def test_log_lines_name_requests_never_their_images(server, jpegs):
   assert "GET /v2/health/ready 200" in log
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture()
+def browser(tmp_path):
+  """Debian's chromium, headless, through chromium-driver (.ci/run installs both), with a fresh profile."""
+  from selenium import webdriver  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.chrome.service import Service  # pylint: disable=g-import-not-at-top
+  if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.fail("chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver (.ci/run does)")
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               f"--user-data-dir={tmp_path / 'profile'}"):
+    options.add_argument(flag)
+  driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+  yield driver
+  driver.quit()
+
+
+def test_review_page_in_a_real_browser_shows_the_apis_numbers(server, jpegs, browser):
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  data, folder = jpegs
+  names = list(data)[:4]
+  browser.get(f"http://127.0.0.1:{server.port}/#token={TOKEN}")
+  notice = browser.find_element(By.ID, "notice")
+  assert notice.is_displayed() and "Not a diagnosis" in notice.text
+  browser.find_element(By.ID, "files").send_keys("\n".join(str(folder / n) for n in names))
+  browser.find_element(By.ID, "analyse").click()
+  WebDriverWait(browser, 60).until(
+      lambda d: d.find_element(By.ID, "error").text or len(d.find_elements(By.CSS_SELECTOR, "tr.result")) == 4)
+  assert browser.find_element(By.ID, "error").text == ""
+  shown = {}
+  for row in browser.find_elements(By.CSS_SELECTOR, "tr.result"):
+    cell = lambda cls: row.find_element(By.CSS_SELECTOR, f"td.{cls}").text
+    shown[cell("name")] = (int(cell("rank")), float(cell("probability")), float(cell("ugly_duckling")), cell("verdict"))
+    cam = row.find_element(By.CSS_SELECTOR, "td.saliency img")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", cam) > 500
+  status, answer = server.json("POST", "/v1/models/melanoma/patient",
+                               {"images": [{"b64": _b64(data[n]), "name": n} for n in names]})
+  assert status == 200 and sorted(shown) == sorted(names)
+  threshold = answer["operating_point"]["threshold"]
+  for row in answer["images"]:  # The page shows four decimals of the API's numbers.
+    rank, probability, duck, verdict = shown[row["name"]]
+    assert rank == row["rank"]
+    assert probability == pytest.approx(row["probability"], abs=5e-5)
+    assert duck == pytest.approx(row["ugly_duckling"], abs=5e-5)
+    assert verdict == ("above" if row["probability"] >= threshold else "below") + " the 90% sensitivity threshold"
+  ranks = [int(r.text) for r in browser.find_elements(By.CSS_SELECTOR, "td.rank")]
+  assert ranks == sorted(ranks)  # The patient ranking, most suspicious first.
+  assert "threshold for 90% sensitivity on the run's validation images" in browser.find_element(By.ID, "operating").text
+
+
 def test_sigterm_answers_the_requests_in_flight_and_exits_0(server, jpegs):
   """Last: it stops the module's server."""
   images = list(jpegs[0].values())

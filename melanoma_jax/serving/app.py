@@ -266,7 +266,10 @@ def create_app(served, settings, metrics, state):
     known(requested)
     return {"name": name, "versions": [served.version], "platform": "jax",
             "inputs": [{"name": protocol.INPUT, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": protocol.OUTPUT, "datatype": "FP64", "shape": [-1]}]}
+            "outputs": [{"name": protocol.OUTPUT, "datatype": "FP64", "shape": [-1]}],
+            # What the patient endpoint offers (the review page reads it).
+            "parameters": {"saliency": not served.ensemble, "fuses": served.fuses,
+                           "operating_point": served.operating_point}}
 
   @app.get("/v2/models/{requested}/ready")
   async def v2_ready(requested: str):
