@@ -21,6 +21,7 @@ import time
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -125,15 +126,13 @@ class Server:
       return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-@pytest.fixture(scope="module")
-def server(workdir, tmp_path_factory):
+def _start(workdir, log_path, *flags):
+  """A Server on a free loopback port, once ready (its log in `log_path`)."""
   port = _free_port()
-  log_path = tmp_path_factory.mktemp("server_log") / "server.log"
-  log = open(log_path, "w+")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "melanoma_jax.serve", f"--workdir={workdir}", f"--port={port}", f"--token={TOKEN}",
-       f"--cors_origins={ORIGIN}", f"--max_body_mb={MAX_BODY_MB}", f"--max_instances={MAX_INSTANCES}",
-       "--batch_timeout_ms=50", "--max_batch_size=16"], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+  log = open(log_path, "w")
+  proc = subprocess.Popen([sys.executable, "-m", "melanoma_jax.serve", f"--workdir={workdir}", f"--port={port}",
+                           *flags], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+  log.close()  # The child holds its own copy.
   served = Server(proc, port, log_path)
   deadline = time.time() + 180
   while True:
@@ -141,19 +140,30 @@ def server(workdir, tmp_path_factory):
     assert time.time() < deadline, log_path.read_text()[-3000:]
     try:
       if served.request("GET", "/v2/health/ready", auth=False, timeout=5)[0] == 200:
-        break
+        return served
     except OSError:
       pass
     time.sleep(0.2)
-  yield served
-  if proc.poll() is None:
-    proc.send_signal(signal.SIGTERM)
+
+
+def _stop(served):
+  if served.proc.poll() is None:
+    served.proc.send_signal(signal.SIGTERM)
     try:
-      proc.wait(60)
+      served.proc.wait(60)
     except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-  log.close()
+      served.proc.kill()
+      served.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(workdir, tmp_path_factory):
+  """The module's server: a token, one CORS origin, small body and instance limits, a 50 ms batching window."""
+  served = _start(workdir, tmp_path_factory.mktemp("server_log") / "server.log", f"--token={TOKEN}",
+                  f"--cors_origins={ORIGIN}", f"--max_body_mb={MAX_BODY_MB}", f"--max_instances={MAX_INSTANCES}",
+                  "--batch_timeout_ms=50", "--max_batch_size=16")
+  yield served
+  _stop(served)
 
 
 def _b64(data):
@@ -340,6 +350,36 @@ def test_log_lines_name_requests_never_their_images(server, jpegs):
   log = server.log.read_text()
   assert "POST /v1/models/{target} 200" in log and _b64(jpeg)[:40] not in log
   assert "GET /v2/health/ready 200" in log
+
+
+def test_patient_endpoint_on_an_ensemble_fuses_as_its_test_stage(ensemble_run, tmp_path):
+  """The session's tiny ensemble (tests/conftest.py), served: one test patient's images and test.csv metadata
+  get the pred_image and calibrated prediction of the ensemble's own test stage (test_stages.csv)."""
+  workdir = ensemble_run[0]
+  test_csv = pd.read_csv(workdir / "data" / "test.csv")
+  counts = test_csv["patient_id"].value_counts()
+  patient = counts[counts >= 3].sort_values(kind="stable").index[0]  # All their images: context is per patient.
+  rows = test_csv[test_csv["patient_id"] == patient]
+  wanted = set(rows["image_name"])
+  jpeg = {e["image_name"]: e["image"] for p in sorted((workdir / "data").glob("test*.tfrec"))
+          for e in records.read_examples(str(p)) if e["image_name"] in wanted}
+  value = lambda v: None if pd.isna(v) else (float(v) if isinstance(v, (int, float, np.floating)) else str(v))
+  images = [{"b64": _b64(jpeg[r.image_name]), "name": r.image_name, "sex": value(r.sex), "age": value(r.age_approx),
+             "site": value(r.anatom_site_general_challenge)} for r in rows.itertuples()]
+  served = _start(workdir, tmp_path / "ensemble.log")
+  try:
+    status, answer = served.json("POST", "/v1/models/melanoma/patient", {"images": images}, auth=False)
+    refused = served.json("POST", "/v1/models/melanoma/patient", {"images": images, "saliency": True}, auth=False)
+  finally:
+    _stop(served)
+  assert served.proc.returncode == 0
+  assert status == 200 and answer["fused"] is True, answer
+  want = pd.read_csv(workdir / "test_stages.csv").set_index("image_name").loc[list(rows["image_name"])]
+  got = pd.DataFrame(answer["images"]).set_index("name")
+  np.testing.assert_allclose(got["pred_image"], want["pred_image"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(got["pred_fused"], want["prediction"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(got["probability"], got["pred_image"], rtol=0, atol=1e-9)
+  assert refused[0] == 400 and "saliency: an ensemble workdir" in refused[1]["error"]
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
