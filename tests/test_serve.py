@@ -255,6 +255,41 @@ def test_concurrent_requests_are_scored_in_fewer_batches(server, jpegs):
   assert scored == requests and batches < requests, (scored, batches)
 
 
+def test_batcher_groups_waiting_requests_refuses_a_full_queue_and_skips_abandoned_ones():
+  """In-process, with a model that waits for the test: what the server's batching does, without timing."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.serving import batching, metrics  # pylint: disable=g-import-not-at-top
+  entered, release, sizes = threading.Event(), threading.Event(), []
+
+  def score(x):
+    entered.set()
+    release.wait(30)
+    sizes.append(len(x))
+    return x[:, 0]
+
+  async def scenario():
+    batcher = batching.Batcher(score, max_batch_size=4, timeout_ms=1, max_queue=7, metrics=metrics.Metrics())
+    batcher.start()
+    first = asyncio.ensure_future(batcher.score(np.zeros((1, 1))))
+    while not entered.is_set():
+      await asyncio.sleep(0.001)  # Until the model holds the first request (and waits).
+    waiting = [asyncio.ensure_future(batcher.score(np.full((2, 1), i))) for i in range(3)]
+    abandoned = asyncio.ensure_future(batcher.score(np.full((1, 1), 9)))
+    await asyncio.sleep(0.01)
+    with pytest.raises(batching.Busy, match="busy .7 images queued, --max_queue=7"):
+      await batcher.score(np.zeros((1, 1)))
+    abandoned.cancel()
+    release.set()
+    results = [await f for f in [first, *waiting]]
+    await batcher.stop()
+    return results
+
+  results = asyncio.run(scenario())
+  assert sizes == [1, 4, 2]  # The first alone; two waiting requests in one batch; the third, not the abandoned.
+  assert [r.tolist() for r in results] == [[0.0], [0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]
+
+
 def _png_bomb(side):
   """A `side` x `side` 1-bit grey PNG of zeros: a few tens of KB, `side`^2 x 3 bytes once decoded to RGB."""
   def chunk(kind, data):
