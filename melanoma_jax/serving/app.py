@@ -212,10 +212,10 @@ def create_app(served, settings, metrics, state):
         raise ApiError(400, f"{where}[{i}]: {reason}")
     return np.stack([x for x, _ in results]).astype(np.float32, copy=False)
 
-  async def scored(x):
+  async def scored(x, arrival):
     ready()
     try:
-      return await asyncio.wait_for(state.batcher.score(x), settings.timeout_s)
+      return await asyncio.wait_for(state.batcher.score(x, arrival), settings.timeout_s)
     except batching.Busy as e:
       raise ApiError(503, str(e)) from None
     except asyncio.TimeoutError:
@@ -249,9 +249,9 @@ def create_app(served, settings, metrics, state):
                      f"no route POST {request.url.path}; use /v1/models/{name}:predict")
     known(requested)
     data, form = protocol.tf_predict(await body_json(request), settings.max_instances)
-    where = "instances" if form == "row" else "inputs"
-    x = await decode(request, data, where)
-    return protocol.tf_answer((await scored(x)).tolist(), form)
+    with state.batcher.arriving() as arrival:
+      x = await decode(request, data, "instances" if form == "row" else "inputs")
+      return protocol.tf_answer((await scored(x, arrival)).tolist(), form)
 
   @app.get("/v2/health/live")
   async def live():
@@ -280,8 +280,9 @@ def create_app(served, settings, metrics, state):
   async def v2_infer(requested: str, request: Request):
     known(requested)
     data, request_id = protocol.v2_infer(await body_json(request), settings.max_instances)
-    x = await decode(request, data, "inputs[0].data")
-    return protocol.v2_answer(name, served.version, (await scored(x)).tolist(), request_id)
+    with state.batcher.arriving() as arrival:
+      x = await decode(request, data, "inputs[0].data")
+      return protocol.v2_answer(name, served.version, (await scored(x, arrival)).tolist(), request_id)
 
   @app.post("/v1/models/{requested}/patient")
   async def patient(requested: str, request: Request):

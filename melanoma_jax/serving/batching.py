@@ -7,6 +7,9 @@ the oldest request, then keeps taking requests for up to `timeout_ms` while the 
 accepting requests meanwhile. The model pads every batch to the run's global batch (the only compiled
 shape, compiled at start-up), so no request size compiles anything.
 
+The window only waits while another request is on its way (`arriving`: received, its images still being
+decoded): a lone request is scored at once instead of waiting `timeout_ms` for company that is not coming.
+
 The queue is bounded by images (`max_queue`): a request that would overflow it is refused at once (`Busy`,
 503) instead of growing the wait of everyone behind it. A request whose caller stopped waiting (its timeout)
 is dropped when the worker reaches it, never scored.
@@ -16,12 +19,26 @@ model is only ever called from one thread.
 """
 import asyncio
 import concurrent.futures
+import contextlib
 
 import numpy as np
 
 
 class Busy(Exception):
   """The queue is full."""
+
+
+class _Arrival:
+  """One request between its arrival and its place in the queue (or its refusal)."""
+
+  def __init__(self, batcher):
+    self.batcher, self.open = batcher, True
+    batcher.coming += 1
+
+  def close(self):
+    if self.open:
+      self.open = False
+      self.batcher.coming -= 1
 
 
 class Batcher:
@@ -35,6 +52,7 @@ class Batcher:
     self._queued = 0
     self._worker = None
     self._carried = None  # A request taken from the queue that did not fit the batch being built.
+    self.coming = 0  # Requests on their way to the queue (see `arriving`).
 
   def start(self):
     self._queue = asyncio.Queue()
@@ -53,8 +71,19 @@ class Batcher:
     """fn(*args) on the model thread."""
     return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-  async def score(self, x):
+  @contextlib.contextmanager
+  def arriving(self):
+    """Around a request's decoding and `score(x, arrival)`: tells the batching window that it is coming."""
+    arrival = _Arrival(self)
+    try:
+      yield arrival
+    finally:
+      arrival.close()
+
+  async def score(self, x, arrival=None):
     """Probabilities of `x` [N, S, S, 3] (float64 [N]); raises Busy when the queue is full."""
+    if arrival is not None:
+      arrival.close()
     if self._queued + len(x) > self.max_queue:
       raise Busy(f"the server is busy ({self._queued} images queued, --max_queue={self.max_queue}); retry later")
     future = asyncio.get_running_loop().create_future()
@@ -84,7 +113,7 @@ class Batcher:
       deadline = loop.time() + self.timeout_s
       while size < self.max_batch_size:
         remaining = deadline - loop.time()
-        if remaining <= 0:
+        if remaining <= 0 or (self._queue.empty() and self._carried is None and not self.coming):
           break
         try:
           item = await self._next(remaining)
