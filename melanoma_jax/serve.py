@@ -9,7 +9,8 @@ Loads the workdir's best checkpoint through `inference.loading.load_predictor` (
 and holds the workdir's lock shared while it serves (no run can train there meanwhile; refused in one line
 while one does), binds 127.0.0.1 unless --host says otherwise, and compiles every step before
 /v2/health/ready answers 200. SIGTERM (or Ctrl-C) stops accepting connections, answers the requests in
-flight and exits 0. Exit code 1 with one `error:` line on bad input (workdir, flags, a port in use).
+flight and exits 0. Exit code 1 with one `error:` line on bad input (workdir, flags, a port in use), before
+the model loads. The token may come from $MELANOMA_JAX_SERVE_TOKEN instead of --token (kept out of `ps`).
 """
 import os
 import signal
@@ -23,6 +24,7 @@ from absl import app, flags
 from melanoma_jax.utils import cli
 
 FLAGS = flags.FLAGS
+TOKEN_VARIABLE = "MELANOMA_JAX_SERVE_TOKEN"
 
 
 def serve(workdir, host, port, settings, limits=None, tta=None, require_finished=False):
@@ -42,6 +44,7 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
   with workdir_lib.read_lock(workdir):
     start = time.perf_counter()
     loading.kind_of(workdir)  # A workdir of another kind is refused before anything loads.
+    sock = bind(host, port)  # A port in use is refused before the slow load, too.
     predictor = loading.load_predictor(workdir, tta=tta)
     loading.announce(workdir, predictor, require_finished)
     metrics = serving.Metrics()
@@ -61,20 +64,41 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler found at start: this
     # one, so the drained server exits 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C likewise (no KeyboardInterrupt traceback).
+    server.run(sockets=[sock])
   if runtime.failed or not server.started:
     return 1
   app_lib.LOG.info("stopped")
   return 0
 
 
+def bind(host, port):
+  """A TCP socket bound to (host, port), for uvicorn to listen on; InputError in one line if it cannot be."""
+  import socket  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  try:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+  except OSError as e:
+    raise InputError(f"--host={host}: {e.strerror or e}") from None
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+  except OSError as e:
+    sock.close()
+    raise InputError(f"{host}:{port}: cannot listen there ({e.strerror or e}); choose another --port") from None
+  return sock
+
+
 def settings_of_flags():
   from melanoma_jax.serving import app as app_lib  # pylint: disable=g-import-not-at-top
   origins = tuple(o.strip() for o in FLAGS.cors_origins.split(",") if o.strip())
+  # The environment variable keeps the token out of `ps` listings; the flag wins when both are given.
+  token = FLAGS.token or os.environ.get(TOKEN_VARIABLE, "")
   return app_lib.Settings(model_name=FLAGS.model_name, max_batch_size=FLAGS.max_batch_size,
                           batch_timeout_ms=FLAGS.batch_timeout_ms, max_queue=FLAGS.max_queue,
                           timeout_s=FLAGS.timeout_s, max_body_mb=FLAGS.max_body_mb,
-                          max_instances=FLAGS.max_instances, token=FLAGS.token, cors_origins=origins)
+                          max_instances=FLAGS.max_instances, token=token, cors_origins=origins)
 
 
 def main(argv):
@@ -109,7 +133,8 @@ def _define_flags():
   flags.DEFINE_float("timeout_s", 60.0, "Per-request limit, arrival to answer; past it 504.", lower_bound=0.001)
   flags.DEFINE_float("max_body_mb", 100.0, "Largest request body (MB); a larger one gets 413.", lower_bound=0)
   flags.DEFINE_integer("max_instances", 64, "Most images in one request; more get 413.", lower_bound=1)
-  flags.DEFINE_string("token", "", "Bearer token every request but health and the page must carry ('' = none).")
+  flags.DEFINE_string("token", "", "Bearer token every request but health and the page must carry ('' = "
+                      f"${TOKEN_VARIABLE} if set, else none).")
   flags.DEFINE_string("cors_origins", "", "Comma-separated origins browsers may call from ('' = no CORS).")
   flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top

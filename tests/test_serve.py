@@ -417,6 +417,14 @@ def test_patient_endpoint_on_an_ensemble_fuses_as_its_test_stage(ensemble_run, t
   assert refused[0] == 400 and "saliency: an ensemble workdir" in refused[1]["error"]
 
 
+def test_a_port_in_use_is_refused_in_one_line_before_the_model_loads(server, workdir):
+  proc = _python("-m", "melanoma_jax.serve", f"--workdir={workdir}", f"--port={server.port}", timeout=120)
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert proc.returncode == 1 and lines == [f"error: 127.0.0.1:{server.port}: cannot listen there (Address already "
+                                             "in use); choose another --port"], proc.stderr[-2000:]
+  assert "best checkpoint" not in proc.stderr  # Refused before loading.
+
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
