@@ -43,6 +43,9 @@ replace a clinician's examination, dermoscopy or histopathology.</p>
 <p id="operating"></p>
 <table id="results" hidden><thead><tr><th>Rank</th><th>Image</th><th>Name</th><th>Probability</th><th>Verdict</th>
 <th>Ugly duckling</th><th id="fusedhead" hidden>Fused</th><th>Grad-CAM</th></tr></thead><tbody></tbody></table>
+<p id="legend" hidden>Rank: 1 is this patient's highest probability. Ugly duckling: the photo's mean distance
+to the patient's other photos in the model's features, over their typical distance (1: as typical as the
+others; higher: stands out). Grad-CAM: the photo, where the model looked, SmoothGrad.</p>
 <script>
 "use strict";
 const MODEL = __MODEL_NAME__;
@@ -144,7 +147,7 @@ function show(body, images) {
     tr.append(camCell);
     tbody.append(tr);
   }
-  $("results").hidden = false;
+  $("results").hidden = false; $("legend").hidden = false;
 }
 $("files").addEventListener("change", (e) => choose(e.target.files));
 $("drop").addEventListener("dragover", (e) => { e.preventDefault(); $("drop").classList.add("over"); });
