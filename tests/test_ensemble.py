@@ -302,21 +302,6 @@ def test_ugly_duckling_needs_the_patient_context(real_train_csv, real_test_csv, 
 # ---------------------------------------------------------------------------------------------------------
 # main.py, end to end.
 
-@pytest.fixture(scope="module")
-def ensemble_run(tmp_path_factory):
-  """A tiny ensemble trained once through main.py (2 folds, 30 patients, 32 px): (workdir, command, env)."""
-  workdir = tmp_path_factory.mktemp("ensemble") / "ens"
-  command = [sys.executable, os.path.join(REPO, "main.py"),
-             "--config=" + os.path.join(REPO, "configs", "ensemble_demo.py"),
-             f"--workdir={workdir}", "--jax_cache_dir=", "--config.model.name=tiny", "--config.num_folds=2",
-             "--config.num_epochs=1", "--config.freeze_backbone_epochs=0", "--config.synthetic.num_patients=30",
-             "--config.synthetic.image_size=32", "--config.ensemble.families=('logistic',)"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device: as users run it.
-  first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert first.returncode == 0, first.stderr[-3000:]
-  return workdir, command, env
-
-
 def test_main_ensemble_demo_tiny_end_to_end(ensemble_run):
   workdir, command, env = ensemble_run
   train_csv = pd.read_csv(workdir / "data" / "train.csv")

@@ -253,9 +253,11 @@ def test_efficientnet_b0_trains_through_main_and_resumes_after_a_kill(data_dir, 
   keras.utils.set_random_seed(0)
   weights = str(tmp_path / "b0_notop.weights.h5")
   keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(64, 64, 3)).save_weights(weights)
+  # The resumed run compiles the killed run's programs again: a compilation cache of the test's own
+  # (both runs, nothing else) lets it load them instead.
   run = ["--config.model.name=efficientnet_b0", "--config.image_size=64", "--config.num_epochs=2",
          "--config.per_device_batch_size=1", "--config.max_steps_per_epoch=2", f"--config.model.init_weights={weights}",
-         "--config.freeze_backbone_epochs=0"]
+         "--config.freeze_backbone_epochs=0", f"--jax_cache_dir={tmp_path / 'xla_cache'}"]
   workdir = tmp_path / "b0"
   proc = _main(workdir, data_dir, *run, wait=False)
   checkpoints = workdir / "checkpoints"

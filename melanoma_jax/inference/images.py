@@ -69,6 +69,15 @@ class Reader:
     data, error = self.read_bytes(path)
     if error:
       return None, error
+    return self.read_data(data, path)
+
+  def read_data(self, data: bytes, name="image"):
+    """(float32 [S, S, 3] in [-1, 1], "") or (None, one-line reason) of encoded bytes already in memory (the
+    model server's requests): the size, format and pixel checks, then the decoding `read` gives a file.
+    `name` only labels the decoder's warnings."""
+    error = self.limits.file_size_error(len(data)) if data else "empty file"
+    if error:
+      return None, error
     with native_stderr.captured() as said:  # libjpeg's own lines name no file: they go with this one's.
       error = self._errors(tf().constant([data]))[0].numpy().decode("utf-8")
     if error:
@@ -81,7 +90,7 @@ class Reader:
       return None, _with_decoder_lines(
           f"not a decodable JPEG or PNG ({message[0] if message else type(e).__name__})", said)
     if said.lines:  # Decoded, with the decoder's complaint (e.g. a truncated JPEG, its rest filled grey).
-      logging.warning("%s: decoded, but the decoder said: %s", path, "; ".join(said.lines[:3]))
+      logging.warning("%s: decoded, but the decoder said: %s", name, "; ".join(said.lines[:3]))
     return image, ""
 
   def read_bytes(self, path):

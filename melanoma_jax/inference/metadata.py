@@ -35,16 +35,21 @@ def read(path):
     df = pd.read_csv(path, dtype=str, keep_default_na=True)
   except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
     raise InputError(f"--metadata={path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+  return table_of(df, f"--metadata={path}", path)
+
+
+def table_of(df, source, path):
+  """The table `read` gives, of a DataFrame of strings (a CSV's, or the model server's per-image metadata):
+  the same columns, checks and dtypes; refusals name `source`, attrs["path"] = `path`."""
   name_column = next((c for c in NAME_COLUMNS if c in df.columns), None)
   missing = ([] if name_column else ["image_name (or image)"]) + [c for c in COLUMNS if c not in df.columns]
   if missing:
-    raise InputError(f"--metadata={path}: missing column(s) {', '.join(missing)}")
-  source = f"--metadata={path}"
+    raise InputError(f"{source}: missing column(s) {', '.join(missing)}")
   metadata.check_filled(df, (name_column, "patient_id"), source)
   keys = df[name_column].map(key)
   duplicated = keys.duplicated()
   if duplicated.any():
-    raise InputError(f"--metadata={path}: column {name_column} names image {keys[duplicated].iloc[0]} twice")
+    raise InputError(f"{source}: column {name_column} names image {keys[duplicated].iloc[0]} twice")
   age = metadata.parse_ages(df["age_approx"], source)
   # The dtypes data/metadata.py gives test.csv, so the tabular encoder sees identical values.
   table = pd.DataFrame({"image_name": df[name_column].astype(str).to_numpy(),
