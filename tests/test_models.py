@@ -508,7 +508,7 @@ def test_factory_builds_each_model_with_its_arguments(kernels):
     ({"dtype": "float16"}, "dtype='float16' must be one of float32, bfloat16"),
     ({"kernels": "im2col"}, "kernels='im2col' must be one of auto, cpu, xla"),
     ({"name": "tiny", "head_sizes": (8,)}, "model 'tiny' has no argument(s) head_sizes (it takes dtype, "
-     "dropout_rate, bn_axis_name, kernels)"),
+     "dropout_rate, bn_axis_name, kernels, num_classes)"),
     ({"name": "mlp", "dtype": "float32"}, "model 'mlp' has no argument(s) dtype"),
 ])
 def test_factory_refuses_unknown_names_in_one_line(kwargs, message):

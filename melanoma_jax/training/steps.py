@@ -95,8 +95,10 @@ def tta_views(x, count):
   vertical flip too, 8 every flip and transpose of the square (the dihedral group: a lesion photo has no
   up, down or handedness). `count` True/False are 3/1, as runs recorded them before views were counted."""
   count = (3 if count else 1) if isinstance(count, bool) else int(count)
+  if count == 1:  # Any array: the tabular model's rows too.
+    return [x]
   flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
-  if count in (1, 2, 3):
+  if count in (2, 3):
     return flips[:count]
   if count == 8:
     if x.shape[1] != x.shape[2]:
