@@ -40,8 +40,6 @@ from melanoma_jax.utils import cli
 FLAGS = flags.FLAGS
 
 SALIENCY_MARKER = ".melanoma_jax_saliency.json"
-# --tta: "run" keeps the run's own views; the rest force a number of views (image/setup.py's TTA_VIEWS).
-TTA_CHOICES = {"run": None, "on": 3, "off": 1, "1": 1, "2": 2, "3": 3, "8": 8}
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -231,7 +229,7 @@ def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", l
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
-    rows = run(workdir, images_dir, out, saliency_dir, metadata, TTA_CHOICES[tta], limits, require_finished, engine,
+    rows = run(workdir, images_dir, out, saliency_dir, metadata, cli.TTA_CHOICES[tta], limits, require_finished, engine,
                exported, onnx_model)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -269,8 +267,7 @@ def _define_flags():
   flags.DEFINE_string("saliency", "", "Folder for one Grad-CAM + SmoothGrad PNG per image ('' = none).")
   flags.DEFINE_string("metadata", "", "Per-image metadata CSV (image_name or image, patient_id, sex, age_approx, "
                       "anatom_site_general_challenge), for ensemble workdirs: fused as the ensemble's test rows.")
-  flags.DEFINE_enum("tta", "run", list(TTA_CHOICES),
-                    "TTA views: as the run's evaluation (run), or a number of views (config.tta); on = 3, off = 1.")
+  cli.define_tta_flag()
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="gets its error row",
                           uses="predicts with")

@@ -113,7 +113,7 @@ def main(argv):
     sys.exit(1)
   try:
     code = serve(FLAGS.workdir, FLAGS.host, FLAGS.port, settings_of_flags(),
-                 limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), {"run": None, "on": True, "off": False}[FLAGS.tta],
+                 limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), cli.TTA_CHOICES[FLAGS.tta],
                  FLAGS.require_finished)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -136,7 +136,7 @@ def _define_flags():
   flags.DEFINE_string("token", "", "Bearer token every request but health and the page must carry ('' = "
                       f"${TOKEN_VARIABLE} if set, else none).")
   flags.DEFINE_string("cors_origins", "", "Comma-separated origins browsers may call from ('' = no CORS).")
-  flags.DEFINE_enum("tta", "run", ["run", "on", "off"], "Flip TTA: as the run's evaluation (run), or forced.")
+  cli.define_tta_flag()
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="is refused with 400",
                           uses="serves")

@@ -30,3 +30,13 @@ def define_reader_flags(max_file_mb, max_pixels, over, uses):
                        f"header before decoding); a larger one {over}.", lower_bound=1)
   flags.DEFINE_bool("require_finished", False, "Refuse a run that has not finished training (by default it "
                     f"{uses} the best checkpoint so far and says so).")
+
+
+# --tta of the commands that score images: "run" keeps the run's own views, the rest force a number of views
+# (config.tta's: 1, 2, 3, 8; "on" is 3, the flips, "off" 1).
+TTA_CHOICES = {"run": None, "on": 3, "off": 1, "1": 1, "2": 2, "3": 3, "8": 8}
+
+
+def define_tta_flag():
+  flags.DEFINE_enum("tta", "run", list(TTA_CHOICES),
+                    "TTA views: as the run's evaluation (run), or a number of views (config.tta); on = 3, off = 1.")
