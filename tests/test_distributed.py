@@ -299,3 +299,21 @@ def test_a_two_process_tabular_run_equals_a_one_process_run(data_dir, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(two / name), pd.read_csv(one / name), check_exact=True)
   assert json.loads((two / "results.json").read_text())["oof_auc"] == json.loads(
       (one / "results.json").read_text())["oof_auc"]
+
+
+def test_two_processes_read_disjoint_shares_of_the_external_data(data_dir, tmp_path):
+  """config.extra_data in a 2-process run: each process reads its own share of the archive set (TFDS' split
+  per process) beside its share of the 2020 records; no archive image is read by both."""
+  from melanoma_jax.data import isic_archive  # pylint: disable=g-import-not-at-top
+  synthetic.write_archive(str(tmp_path / "downloads"), year=2019, num_images=24, seed=0, image_size=48)
+  archive, _ = isic_archive.build(2019, 48, str(tmp_path / "downloads"), str(tmp_path / "tfds"))
+  names = {n.decode() for n in isic_archive.load(archive).map(lambda r: r["image_name"]).as_numpy_iterator()}
+  workdir, reads = tmp_path / "run", tmp_path / "reads"
+  codes, logs = _two_processes(workdir, data_dir, f"--config.extra_data={archive}", "--config.num_epochs=1",
+                               reads=reads)
+  assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+  log = _read_log(reads)
+  read = [set(log[(0, p)]) & names for p in range(2)]
+  assert read[0] and read[1] and not read[0] & read[1]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["training_images"][archive] == len(names)

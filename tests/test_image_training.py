@@ -450,29 +450,6 @@ def test_external_data_joins_the_training_stream_only(data_dir, archive_2019, tm
   assert any(name.endswith(".tfrecord-00000-of-00001") or "isic_archive" in name for name in run["data.files"])
 
 
-def test_processes_read_disjoint_shares_of_the_external_data(data_dir, archive_2019):
-  """Two processes of one run: each reads its own share of the archive in an epoch, together all of it."""
-  from melanoma_jax.data import external, sources  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.image import data as data_lib  # pylint: disable=g-import-not-at-top
-  config = _config(data_dir, extra_data=archive_2019)
-  data = sources.resolve(data_dir)
-  sets = external.open_sets(archive_2019)
-  seen = []
-  for index in range(2):
-    run = setup.resolve(config, num_devices=8, processes=(index, 2))
-    pipeline = data_lib.make_pipeline(run, data, data_lib.make_split(run, data), sets)
-    names = set()
-    # Enough epochs' draws to see every image of this process's share at least once.
-    for epoch in range(6):
-      for _, batch_names in pipeline.device_batches(pipeline.train_dataset(epoch, 0), data.train_files):
-        names.update(batch_names)
-    seen.append(names)
-  archive = {n.decode() for n in sets[0].records().map(lambda r: r["image_name"]).as_numpy_iterator()}
-  mine = [names & archive for names in seen]
-  assert mine[0] and mine[1] and not mine[0] & mine[1]
-  assert mine[0] | mine[1] <= archive
-
-
 class _Collect(logging.Handler):
   def __init__(self):
     super().__init__(logging.DEBUG)
