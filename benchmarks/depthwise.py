@@ -35,15 +35,19 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def layers(variant, size):
-  """{(input size, channels, kernel, stride): how many blocks} of the variant's depthwise convolutions."""
+def block_inputs(variant, size):
+  """(input height and width, BlockSpec) of each MBConv block of `variant` at `size`, in network order."""
   from melanoma_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
-  count = collections.Counter()
   size = -(-size // 2)  # The stem's stride 2.
   for spec in efficientnet.blocks(variant):
-    count[(size, spec.filters, spec.kernel, spec.strides)] += 1
+    yield size, spec
     size = -(-size // spec.strides)
-  return count
+
+
+def layers(variant, size):
+  """{(input size, channels, kernel, stride): how many blocks} of the variant's depthwise convolutions."""
+  return collections.Counter((size, spec.filters, spec.kernel, spec.strides)
+                             for size, spec in block_inputs(variant, size))
 
 
 def main(argv=None):

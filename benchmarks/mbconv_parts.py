@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import depthwise as depthwise_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax, jnp, np = common.jax, common.jnp, common.np
 PARTS = ("expand", "depthwise", "se", "project")
@@ -38,15 +39,11 @@ def parse_args(argv=None):
 
 
 def shapes(variant, size):
-  """{(input size, filters_in, filters, filters_se, filters_out, kernel, stride): blocks} of `variant`."""
-  from melanoma_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
-  count = collections.Counter()
-  size = -(-size // 2)  # The stem's stride 2.
-  for s in efficientnet.blocks(variant):
-    filters_in = s.filters_in if s.expand_ratio != 1 else 0  # 0: no expand convolution.
-    count[(size, filters_in, s.filters, s.filters_se, s.filters_out, s.kernel, s.strides)] += 1
-    size = -(-size // s.strides)
-  return count
+  """{(input size, filters_in, filters, filters_se, filters_out, kernel, stride): blocks} of `variant`;
+  filters_in 0: no expand convolution."""
+  return collections.Counter(
+      (size, s.filters_in if s.expand_ratio != 1 else 0, s.filters, s.filters_se, s.filters_out, s.kernel, s.strides)
+      for size, s in depthwise_bench.block_inputs(variant, size))
 
 
 def part_functions(shape, kernels):

@@ -23,6 +23,18 @@ _STRING_COLUMNS = ("image_name", "patient_id", "sex", "anatom_site_general_chall
 MIN_AGE, MAX_AGE = 0, 120
 
 
+def read_table(path, source, not_found="file not found", **read_csv):
+  """`pd.read_csv(path, **read_csv)`, or a one-line InputError beginning with `source` (the path, or the
+  flag that named it): "`not_found`" for a missing file, "not a readable CSV (...)" for one pandas cannot
+  parse. The one CSV reader of the metadata tables, the archive's download and --metadata."""
+  if not os.path.isfile(path):
+    raise InputError(f"{source}: {not_found}")
+  try:
+    return pd.read_csv(path, **read_csv)
+  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    raise InputError(f"{source}: not a readable CSV ({str(e).splitlines()[0]})") from None
+
+
 def load_metadata(path, split="train"):
   """Reads train.csv (split='train', needs `target`) or test.csv (split='test') and validates it.
 
@@ -33,12 +45,7 @@ def load_metadata(path, split="train"):
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: metadata file not found")
-  try:
-    df = pd.read_csv(path, dtype={c: "string" for c in _STRING_COLUMNS})
-  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-    raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from e
+  df = read_table(path, path, "metadata file not found", dtype={c: "string" for c in _STRING_COLUMNS})
   required = TRAIN_COLUMNS if split == "train" else BASE_COLUMNS
   missing = [c for c in required if c not in df.columns]
   if missing:

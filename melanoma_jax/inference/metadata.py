@@ -29,12 +29,7 @@ def read(path):
   """DataFrame of the CSV's rows indexed by `key(image name)`: patient_id (str), sex and
   anatom_site_general_challenge (object, NaN when empty), age_approx (float64); attrs["path"] = path."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise InputError(f"--metadata={path}: file not found")
-  try:
-    df = pd.read_csv(path, dtype=str, keep_default_na=True)
-  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-    raise InputError(f"--metadata={path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+  df = metadata.read_table(path, f"--metadata={path}", dtype=str, keep_default_na=True)
   return table_of(df, f"--metadata={path}", path)
 
 

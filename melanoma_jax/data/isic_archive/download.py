@@ -74,12 +74,8 @@ def isic_id(name):
 
 
 def _read_csv(path, columns):
-  if not os.path.isfile(path):
-    raise InputError(f"{path}: file not found (part of the manual download; see MANUAL_DOWNLOAD_INSTRUCTIONS)")
-  try:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-  except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-    raise InputError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+  df = metadata.read_table(path, path, "file not found (part of the manual download; see "
+                           "MANUAL_DOWNLOAD_INSTRUCTIONS)", dtype=str, keep_default_na=False)
   missing = [c for c in columns if c not in df.columns]
   if missing:
     raise InputError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))})")
