@@ -123,7 +123,7 @@ def train(config, workdir, start_time=None):
   finally:
     checkpointer.close()
 
-  outputs = predict(config, workdir, prepared=(run, data, split, pipeline, extra), reuse_scores=True)
+  outputs = predict(config, workdir, prepared=(run, data, split, pipeline), reuse_scores=True)
   history = meta["history"]
   results = {
       "val_auc": history[-1]["val_auc"] if history else None,
@@ -220,8 +220,8 @@ def predict(config, workdir, prepared=None, reuse_scores=False):
     data = data_lib.resolve_data(run, workdir)
     _check_identity(config, data, workdir, extra=data_lib.external_sets(run))
     split = data_lib.make_split(run, data)
-    prepared = (run, data, split, data_lib.make_pipeline(run, data, split), ())  # Scores 2020 images only.
-  run, data, split, pipeline, _ = prepared
+    prepared = (run, data, split, data_lib.make_pipeline(run, data, split))  # Scores 2020 images only.
+  run, data, split, pipeline = prepared
   # Every prediction first, then every file: a run killed half-way leaves the previous outputs whole.
   scores, epoch = _scores(run, data, split, pipeline, workdir, reuse_scores)
   names, targets, probs = scores.val.names, scores.val.targets, scores.val.probabilities

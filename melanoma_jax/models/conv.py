@@ -151,8 +151,8 @@ def spatial(x, kernel, strides, padding, kernels: Kernels):
 
 
 def _im2col_forward(x, kernel, strides, padding):
-  """(y, padded x) of an NHWC x HWIO convolution as im2col columns times the kernel, one bfloat16 matrix
-  product accumulated in float32."""
+  """An NHWC x HWIO convolution as im2col columns times the kernel, one bfloat16 matrix product accumulated
+  in float32."""
   kh, kw, cin, cout = kernel.shape
   pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
@@ -161,7 +161,7 @@ def _im2col_forward(x, kernel, strides, padding):
   columns = _columns(xp, kh, kw, ho, wo, strides)
   y = lax.dot_general(columns, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
                       preferred_element_type=jnp.float32)
-  return y.astype(x.dtype), xp
+  return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -171,12 +171,11 @@ def im2col_dot_conv(x, kernel, strides: Tuple[int, int], padding: Padding):
   convolutions do not reach: the forward is im2col columns x kernel, the input gradient dy x kernel^T
   scattered back onto the input (col2im: the transpose of the column gather), the kernel gradient
   columns^T x dy (`im2col_kernel_grad`)."""
-  return _im2col_forward(x, kernel, strides, padding)[0]
+  return _im2col_forward(x, kernel, strides, padding)
 
 
 def _im2col_dot_fwd(x, kernel, strides, padding):
-  y, _ = _im2col_forward(x, kernel, strides, padding)
-  return y, (x, kernel)
+  return _im2col_forward(x, kernel, strides, padding), (x, kernel)
 
 
 def _im2col_dot_bwd(strides, padding, residuals, dy):
