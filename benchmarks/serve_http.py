@@ -7,8 +7,9 @@ the same devices) and, once it is ready, runs bounded clients per concurrency le
 :predict requests of one JPEG each, spread over that many threads (each with its own keep-alive connection),
 then stops; the figures are each request's latency (p50, p99) and the images/s of the whole level. In the
 same run and process, the in-process reference is what the predict command does with the same JPEGs
-(`inference.images.Reader.read_data`, then the predictor's `score`): one image at a time (p50 latency) and
-batches of --max_batch_size (images/s). Server and reference take turns, never run at once.
+(`inference.images.Reader.read_data`, then the predictor's `score`): one image at a time in a batch of one
+per device (p50 latency) and
+batches of the run's global batch, the predict command's (images/s). Server and reference take turns, never run at once.
 The JPEGs are the workdir's test records (its synthetic or real test images), cycled.
 
 Goals (issue 26): at concurrency 32, images/s at least 0.8x in-process batch scoring; at concurrency 1, p50
@@ -59,22 +60,28 @@ def percentile(values, q):
   return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def in_process(workdir, jpegs, batch, requests):
-  """The predict command's path in this process: p50 ms of one image, images/s of batches of `batch`."""
+def in_process(workdir, jpegs, requests):
+  """The predict command's path in this process: p50 ms of one image, images/s of batches of the run's global
+  batch."""
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   predictor = loading.load_predictor(workdir)
   reader = images_lib.Reader(predictor.image_size)
+  batch = predictor.global_batch
 
-  def score(data):
-    return predictor.score(np.stack([reader.read_data(d)[0] for d in data])).probabilities
+  def score(data, rows=None):
+    return predictor.score(np.stack([reader.read_data(d)[0] for d in data]), batch=rows).probabilities
 
-  score(jpegs[:1])  # Compiled before timing (the server compiles at start-up too).
+  # One image in a batch of one per device (not padded to the global batch): the fastest single image here.
+  one = jax.local_device_count()
+  score(jpegs[:1], one)  # Both shapes compiled before timing (the server compiles at start-up too).
+  score(jpegs[:batch])
   single = []
   for i in range(min(requests, 64)):
     start = time.perf_counter()
-    score([jpegs[i % len(jpegs)]])
+    score([jpegs[i % len(jpegs)]], one)
     single.append(time.perf_counter() - start)
   start, done = time.perf_counter(), 0
   while done < requests:
@@ -140,7 +147,7 @@ def main(argv=None):
   args = parse_args(argv)
   jpegs = test_jpegs(args.workdir)
   levels = [int(c) for c in args.concurrency.split(",")]
-  reference = in_process(args.workdir, jpegs, args.max_batch_size, args.requests)
+  reference = in_process(args.workdir, jpegs, args.requests)
   proc, port = start_server(args.workdir, args)
   try:
     over_http(port, jpegs, min(args.requests, 16), max(levels))  # Warm: connections, first batches.
@@ -151,7 +158,7 @@ def main(argv=None):
   for level, row in http_levels.items():
     print(f"concurrency {level:>3}: p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  "
           f"{row['images_per_s']:7.1f} images/s", file=sys.stderr)
-  print(f"in process: one image p50 {reference['single_p50_ms']:.1f} ms, batches of {args.max_batch_size} "
+  print(f"in process: one image p50 {reference['single_p50_ms']:.1f} ms, batches of {reference['batch']} "
         f"{reference['batch_images_per_s']:.1f} images/s", file=sys.stderr)
   result = {"benchmark": "serve_http", "machine": common.machine(), "model": reference["model"],
             "requests": args.requests, "max_batch_size": args.max_batch_size,

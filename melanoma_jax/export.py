@@ -53,7 +53,9 @@ def _load(workdir, out, exporter, what, require_finished):
     raise loading.one_model_only(workdir, what)
   trained = loading.load_predictor(workdir)
   loading.announce(workdir, trained, require_finished)
-  return trained, {"workdir": os.path.abspath(workdir), "model": trained.description}
+  # The checkpoint step and the run's operating point travel with the export: a server on it reports them.
+  return trained, {"workdir": os.path.abspath(workdir), "model": trained.description,
+                   "checkpoint_step": trained.checkpoint_step, "operating_point": loading.operating_point(workdir)}
 
 
 def _run_onnx(workdir, out, require_finished, quantize, force, max_auc_drop):

@@ -4,14 +4,19 @@ endpoint and a review page (melanoma_jax/serving/).
   python -m melanoma_jax.serve --workdir=runs/demo [--host=127.0.0.1] [--port=8501] [--model_name=melanoma]
       [--max_batch_size=16] [--batch_timeout_ms=5] [--max_queue=256] [--timeout_s=60] [--token=...]
       [--cors_origins=https://viewer.example]
+  python -m melanoma_jax.serve --engine=onnx --exported=EXPORT [--onnx_model=fp32|int8] [...]
 
 Loads the workdir's best checkpoint through `inference.loading.load_predictor` (as the predict command does)
 and holds the workdir's lock shared while it serves (no run can train there meanwhile; refused in one line
 while one does), binds 127.0.0.1 unless --host says otherwise, and compiles every step before
-/v2/health/ready answers 200. SIGTERM (or Ctrl-C) stops accepting connections, answers the requests in
+/v2/health/ready answers 200: the predict step at a few batch sizes (`serving.model.batch_sizes`), each
+batch padded to the smallest that holds it. --engine=onnx serves an ONNX export with ONNX Runtime instead (no
+workdir, no lock, nothing to compile; its patient answers have no ugly-duckling scores and no saliency maps:
+the export holds no embeddings and no gradients). SIGTERM (or Ctrl-C) stops accepting connections, answers the requests in
 flight and exits 0. Exit code 1 with one `error:` line on bad input (workdir, flags, a port in use), before
 the model loads. The token may come from $MELANOMA_JAX_SERVE_TOKEN instead of --token (kept out of `ps`).
 """
+import contextlib
 import os
 import signal
 import sys
@@ -27,8 +32,10 @@ FLAGS = flags.FLAGS
 TOKEN_VARIABLE = "MELANOMA_JAX_SERVE_TOKEN"
 
 
-def serve(workdir, host, port, settings, limits=None, tta=None, require_finished=False):
-  """Serves until SIGTERM or SIGINT; returns the exit code (raises RunError on bad input)."""
+def serve(workdir, host, port, settings, limits=None, tta=None, require_finished=False, engine="jax", exported="",
+          onnx_model="fp32"):
+  """Serves until SIGTERM or SIGINT; returns the exit code (raises RunError on bad input). `engine` "onnx":
+  ONNX Runtime on export `exported`'s `onnx_model` instead of `workdir` (as the predict command's)."""
   import logging  # pylint: disable=g-import-not-at-top
   import uvicorn  # pylint: disable=g-import-not-at-top
   from starlette.middleware.cors import CORSMiddleware  # pylint: disable=g-import-not-at-top
@@ -41,15 +48,25 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
   app_lib.LOG.addHandler(handler)
   app_lib.LOG.setLevel(logging.INFO)
   app_lib.LOG.propagate = False
-  with workdir_lib.read_lock(workdir):
+  check_engine(engine, workdir, exported, tta)
+  lock = workdir_lib.read_lock(workdir) if engine == "jax" else contextlib.nullcontext()
+  with lock:
     start = time.perf_counter()
-    loading.kind_of(workdir)  # A workdir of another kind is refused before anything loads.
+    if engine == "onnx":
+      from melanoma_jax.inference import onnx_predictor  # pylint: disable=g-import-not-at-top
+      onnx_predictor.read_record(exported)  # A folder that is no export is refused before the bind.
+    else:
+      loading.kind_of(workdir)  # A workdir of another kind is refused before anything loads.
     sock = bind(host, port)  # A port in use is refused before the slow load, too.
-    predictor = loading.load_predictor(workdir, tta=tta)
-    loading.announce(workdir, predictor, require_finished)
+    if engine == "onnx":
+      predictor = onnx_predictor.load(exported, onnx_model)
+      print(predictor.description, file=sys.stderr, flush=True)
+    else:
+      predictor = loading.load_predictor(workdir, tta=tta)
+      loading.announce(workdir, predictor, require_finished)
     metrics = serving.Metrics()
     metrics.load_seconds.set(time.perf_counter() - start)
-    served = serving.ServedModel(workdir, predictor, limits)
+    served = serving.ServedModel(workdir if engine == "jax" else None, predictor, limits, settings.max_batch_size)
     runtime = serving.Runtime(served, settings, metrics)
     application = serving.create_app(served, settings, metrics, runtime)
     application.add_middleware(app_lib.Guard, settings=settings, metrics=metrics)
@@ -70,6 +87,23 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
     return 1
   app_lib.LOG.info("stopped")
   return 0
+
+
+def check_engine(engine, workdir, exported, tta):
+  """The engine's flags, refused in one line when they do not fit (the predict command's rules)."""
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if engine == "onnx":
+    if workdir or tta is not None:
+      raise InputError(f"--engine=onnx serves --exported=DIR (its own TTA), not {'--workdir' if workdir else '--tta'}")
+    if not exported:
+      raise InputError("--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
+  elif engine == "jax":
+    if exported:
+      raise InputError("--exported is for --engine=onnx")
+    if not workdir:
+      raise InputError("--workdir is required with --engine=jax")
+  else:
+    raise InputError(f"--engine={engine}: must be jax or onnx")
 
 
 def bind(host, port):
@@ -114,7 +148,7 @@ def main(argv):
   try:
     code = serve(FLAGS.workdir, FLAGS.host, FLAGS.port, settings_of_flags(),
                  limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), cli.TTA_CHOICES[FLAGS.tta],
-                 FLAGS.require_finished)
+                 FLAGS.require_finished, FLAGS.engine, FLAGS.exported, FLAGS.onnx_model)
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     code = e.exit_code
@@ -122,7 +156,11 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_string("workdir", None, "A trained run's or ensemble's directory (main.py --workdir).")
+  flags.DEFINE_string("workdir", "", "A trained run's or ensemble's directory (main.py --workdir); --engine=jax.")
+  flags.DEFINE_enum("engine", "jax", ["jax", "onnx"], "jax: the workdir's checkpoint; onnx: ONNX Runtime on "
+                    "--exported.")
+  flags.DEFINE_string("exported", "", "An ONNX export's folder (python -m melanoma_jax.export --format=onnx).")
+  flags.DEFINE_enum("onnx_model", "fp32", ["fp32", "int8"], "Which model of --exported ONNX Runtime runs.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 exposes the server to the network).")
   flags.DEFINE_integer("port", 8501, "TCP port (TF Serving's REST port by default).", lower_bound=0)
   flags.DEFINE_string("model_name", "melanoma", "The model's name in the URLs (/v1/models/NAME).")
@@ -140,7 +178,6 @@ def _define_flags():
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="is refused with 400",
                           uses="serves")
-  flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ their process exits. The exports of randomly initialised models (InceptionResNet
 model with 8 TTA views and a diagnosis softmax) are started first and run beside the tiny model's training
 and exports.
 """
+import base64
 import glob
 import json
 import os
@@ -22,6 +23,7 @@ import pandas as pd
 import pytest
 
 import helpers
+import serving_client
 from melanoma_jax import export as export_cli
 from melanoma_jax import image, models
 from melanoma_jax import predict as predict_cli
@@ -136,6 +138,42 @@ def test_predict_with_onnx_writes_the_preds_csv_of_jax(workdir, exported, tmp_pa
                              jax_rows.loc[ok, "probability"].astype(float), rtol=0, atol=1e-4)
   int8_rows = pd.read_csv(tmp_path / "int8.csv", keep_default_na=False)
   pd.testing.assert_frame_equal(int8_rows[["image", "error"]], jax_rows[["image", "error"]])
+
+
+def test_the_server_on_onnx_runtime_answers_as_the_jax_path(workdir, exported, trained, tmp_path):
+  """`serve --engine=onnx --exported=DIR`: predictions of the JAX path (1e-4), the export's version and operating
+  point, patient ranks without ugly-duckling scores, saliency refused; a workdir beside it refused in one line."""
+  from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
+  examples = [e for p in sorted(glob.glob(str(workdir / "data" / "test*.tfrec"))) for e in records.read_examples(p)]
+  jpegs = [e["image"] for e in examples[:5]]
+  b64 = [base64.b64encode(j).decode("ascii") for j in jpegs]
+  served = serving_client.start(tmp_path / "server.log", "--engine=onnx", f"--exported={exported}")
+  try:
+    predicted = served.json("POST", "/v1/models/melanoma:predict", {"instances": [{"b64": b} for b in b64]})
+    metadata = served.json("GET", "/v2/models/melanoma")
+    patient = served.json("POST", "/v1/models/melanoma/patient",
+                          {"images": [{"b64": b, "name": f"i{i}"} for i, b in enumerate(b64)]})
+    refused = served.json("POST", "/v1/models/melanoma/patient", {"images": [{"b64": b64[0]}], "saliency": True})
+  finally:
+    serving_client.stop(served)
+  assert served.proc.returncode == 0, served.log.read_text()[-2000:]
+  reader = images_lib.Reader(trained.image_size)
+  want = trained.score(np.stack([reader.read_data(j)[0] for j in jpegs])).probabilities
+  assert predicted[0] == 200 and want.std() > 1e-4
+  np.testing.assert_allclose(predicted[1]["predictions"], want, rtol=0, atol=1e-4)
+  assert metadata[0] == 200 and metadata[1]["platform"] == "onnxruntime"
+  assert metadata[1]["versions"] == [str(trained.checkpoint_step)]
+  assert metadata[1]["parameters"]["saliency"] is False
+  assert metadata[1]["parameters"]["operating_point"]["threshold"] > 0  # The run's, carried by the export.
+  rows = patient[1]["images"]
+  np.testing.assert_allclose([r["probability"] for r in rows], predicted[1]["predictions"], rtol=0, atol=1e-9)
+  assert [r["rank"] for r in rows] == list(pd.Series(want).rank(ascending=False, method="min").astype(int))
+  assert all(r["ugly_duckling"] is None for r in rows)
+  assert refused[0] == 400 and refused[1]["error"].startswith("saliency: ONNX Runtime gives no gradients"), refused
+  proc = helpers.python("-m", "melanoma_jax.serve", "--engine=onnx", f"--exported={exported}",
+                        f"--workdir={workdir}", f"--port={serving_client.free_port()}", timeout=120)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+      "error: --engine=onnx serves --exported=DIR (its own TTA), not --workdir"), proc.stderr[-2000:]
 
 
 def _one_line(error, *fragments):

@@ -13,10 +13,7 @@ import io
 import json
 import os
 import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 
@@ -25,15 +22,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import helpers
+import serving_client
 from melanoma_jax import predict as predict_cli
 from melanoma_jax.data import records
 from melanoma_jax.ensemble import context as context_lib
 from melanoma_jax.inference import images as images_lib
 from melanoma_jax.inference import loading
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-           TF_CPP_MIN_LOG_LEVEL="2")
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ORIGIN = "http://viewer.example"
@@ -41,16 +37,11 @@ MAX_BODY_MB, MAX_INSTANCES = 1, 8
 RSS_GROWTH_BOUND_MB = 64  # Hundreds of refused requests may not grow the server by more than this.
 
 
-def _python(*args, timeout=300):
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A tiny model trained for 1 epoch on 12 patients' 75x75 synthetic lesions (about 25 s)."""
   workdir = tmp_path_factory.mktemp("serve") / "run"
-  proc = _python("main.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.model.name=tiny",
+  proc = helpers.python("main.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.model.name=tiny",
                  "--config.synthetic.image_size=75", "--config.per_device_batch_size=2", "--config.num_epochs=1",
                  "--config.synthetic.num_patients=12", "--config.log_every_steps=100", "--jax_cache_dir=")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,89 +72,15 @@ def reference(workdir, jpegs):
   return {r["image"]: r["probability"] for r in rows}, predictor
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class Server:
-  """The server's process and a tiny HTTP client over one new connection per request."""
-
-  def __init__(self, proc, port, log):
-    self.proc, self.port, self.log = proc, port, log
-
-  def request(self, method, path, body=None, headers=None, auth=True, timeout=120):
-    """(status, headers, body bytes); `body` a dict is sent as JSON, bytes as they are."""
-    headers = dict(headers or {}, **(AUTH if auth else {}))
-    if isinstance(body, (dict, list)):
-      body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-    try:
-      conn.request(method, path, body=body, headers=headers)
-      response = conn.getresponse()
-      return response.status, dict(response.getheaders()), response.read()
-    finally:
-      conn.close()
-
-  def json(self, method, path, body=None, **kwargs):
-    status, _, data = self.request(method, path, body, **kwargs)
-    return status, json.loads(data)
-
-  def metrics(self):
-    """{sample name with labels: value} of /metrics."""
-    status, _, data = self.request("GET", "/metrics")
-    assert status == 200
-    out = {}
-    for line in data.decode().splitlines():
-      if line and not line.startswith("#"):
-        key, value = line.rsplit(" ", 1)
-        out[key] = float(value)
-    return out
-
-  def rss_mb(self):
-    with open(f"/proc/{self.proc.pid}/status") as f:
-      return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
-def _start(workdir, log_path, *flags):
-  """A Server on a free loopback port, once ready (its log in `log_path`)."""
-  port = _free_port()
-  log = open(log_path, "w")
-  proc = subprocess.Popen([sys.executable, "-m", "melanoma_jax.serve", f"--workdir={workdir}", f"--port={port}",
-                           *flags], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-  log.close()  # The child holds its own copy.
-  served = Server(proc, port, log_path)
-  deadline = time.time() + 180
-  while True:
-    assert proc.poll() is None, log_path.read_text()[-3000:]
-    assert time.time() < deadline, log_path.read_text()[-3000:]
-    try:
-      if served.request("GET", "/v2/health/ready", auth=False, timeout=5)[0] == 200:
-        return served
-    except OSError:
-      pass
-    time.sleep(0.2)
-
-
-def _stop(served):
-  if served.proc.poll() is None:
-    served.proc.send_signal(signal.SIGTERM)
-    try:
-      served.proc.wait(60)
-    except subprocess.TimeoutExpired:
-      served.proc.kill()
-      served.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(workdir, tmp_path_factory):
   """The module's server: a token, one CORS origin, small body and instance limits, a 50 ms batching window."""
-  served = _start(workdir, tmp_path_factory.mktemp("server_log") / "server.log", f"--token={TOKEN}",
-                  f"--cors_origins={ORIGIN}", f"--max_body_mb={MAX_BODY_MB}", f"--max_instances={MAX_INSTANCES}",
-                  "--batch_timeout_ms=50", "--max_batch_size=16")
+  served = serving_client.start(tmp_path_factory.mktemp("server_log") / "server.log", f"--workdir={workdir}",
+                                f"--token={TOKEN}", f"--cors_origins={ORIGIN}", f"--max_body_mb={MAX_BODY_MB}",
+                                f"--max_instances={MAX_INSTANCES}", "--batch_timeout_ms=50", "--max_batch_size=16",
+                                auth=AUTH)
   yield served
-  _stop(served)
+  serving_client.stop(served)
 
 
 def _b64(data):
@@ -253,6 +170,36 @@ def test_concurrent_requests_are_scored_in_fewer_batches(server, jpegs):
   scored = after["melanoma_images_scored_total"] - before["melanoma_images_scored_total"]
   batches = after["melanoma_batches_total"] - before["melanoma_batches_total"]
   assert scored == requests and batches < requests, (scored, batches)
+
+
+def test_batches_are_padded_to_the_smallest_compiled_size_that_holds_them():
+  from melanoma_jax.serving import model as served_model  # pylint: disable=g-import-not-at-top
+  assert served_model.batch_sizes(16, 1) == [1, 2, 4, 8, 16]
+  assert served_model.batch_sizes(12, 1) == [1, 2, 4, 8, 12]
+  assert served_model.batch_sizes(16, 8) == [8, 16]  # Multiples of the device count.
+  assert served_model.batch_sizes(20, 8) == [8, 16, 24]
+  assert served_model.batch_sizes(3, 8) == [8]
+
+
+def test_a_full_queue_gets_503_and_a_late_answer_504_over_http_and_the_server_stays_ready(workdir, jpegs, tmp_path):
+  """A server whose queue holds one image and whose requests time out after a millisecond."""
+  image = _b64(next(iter(jpegs[0].values())))
+  served = serving_client.start(tmp_path / "server.log", f"--workdir={workdir}", "--max_batch_size=1",
+                                "--max_queue=1", "--timeout_s=0.001")
+  try:
+    busy = served.json("POST", "/v1/models/melanoma:predict", {"instances": [{"b64": image}] * 2})
+    late = served.json("POST", "/v2/models/melanoma/infer",
+                       {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [image]}]})
+    ready = served.request("GET", "/v2/health/ready")[0]
+    counts = served.metrics()
+  finally:
+    serving_client.stop(served)
+  assert served.proc.returncode == 0
+  assert busy[0] == 503 and busy[1]["error"].startswith("the server is busy (0 images queued, --max_queue=1)"), busy
+  assert late == (504, {"error": "not answered within --timeout_s=0.001"}), late
+  assert ready == 200
+  assert counts['melanoma_requests_total{route="/v1/models/{target}",status="503"}'] == 1
+  assert counts['melanoma_requests_total{route="/v2/models/{requested}/infer",status="504"}'] == 1
 
 
 def test_batcher_groups_waiting_requests_refuses_a_full_queue_and_skips_abandoned_ones():
@@ -401,12 +348,12 @@ def test_patient_endpoint_on_an_ensemble_fuses_as_its_test_stage(ensemble_run, t
   value = lambda v: None if pd.isna(v) else (float(v) if isinstance(v, (int, float, np.floating)) else str(v))
   images = [{"b64": _b64(jpeg[r.image_name]), "name": r.image_name, "sex": value(r.sex), "age": value(r.age_approx),
              "site": value(r.anatom_site_general_challenge)} for r in rows.itertuples()]
-  served = _start(workdir, tmp_path / "ensemble.log")
+  served = serving_client.start(tmp_path / "ensemble.log", f"--workdir={workdir}")
   try:
     status, answer = served.json("POST", "/v1/models/melanoma/patient", {"images": images}, auth=False)
     refused = served.json("POST", "/v1/models/melanoma/patient", {"images": images, "saliency": True}, auth=False)
   finally:
-    _stop(served)
+    serving_client.stop(served)
   assert served.proc.returncode == 0
   assert status == 200 and answer["fused"] is True, answer
   want = pd.read_csv(workdir / "test_stages.csv").set_index("image_name").loc[list(rows["image_name"])]
@@ -414,11 +361,11 @@ def test_patient_endpoint_on_an_ensemble_fuses_as_its_test_stage(ensemble_run, t
   np.testing.assert_allclose(got["pred_image"], want["pred_image"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(got["pred_fused"], want["prediction"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(got["probability"], got["pred_image"], rtol=0, atol=1e-9)
-  assert refused[0] == 400 and "saliency: an ensemble workdir" in refused[1]["error"]
+  assert refused[0] == 400 and "an ensemble workdir; saliency maps: one model only" in refused[1]["error"]
 
 
 def test_a_port_in_use_is_refused_in_one_line_before_the_model_loads(server, workdir):
-  proc = _python("-m", "melanoma_jax.serve", f"--workdir={workdir}", f"--port={server.port}", timeout=120)
+  proc = helpers.python("-m", "melanoma_jax.serve", f"--workdir={workdir}", f"--port={server.port}", timeout=120)
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert proc.returncode == 1 and lines == [f"error: 127.0.0.1:{server.port}: cannot listen there (Address already "
                                              "in use); choose another --port"], proc.stderr[-2000:]

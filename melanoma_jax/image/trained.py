@@ -141,13 +141,15 @@ class TrainedModel:
       self._compiled[embeddings] = predict_step(self.model, self.tta, embeddings)
     return self._compiled[embeddings]
 
-  def score(self, images, embeddings=False) -> Scores:
-    """Scores of model inputs `images` (float32 [N, S, S, 3] in [-1, 1]; N = 0 gives empty scores)."""
+  def score(self, images, embeddings=False, batch=None) -> Scores:
+    """Scores of model inputs `images` (float32 [N, S, S, 3] in [-1, 1]; N = 0 gives empty scores), in
+    batches of `batch` rows (default the run's global batch; a multiple of this machine's device count), the
+    last one padded: each batch size is one compiled shape."""
     images = np.asarray(images, np.float32)
     if len(images) == 0:
       return Scores(np.zeros(0), np.zeros((0, 0), np.float32) if embeddings else None)
     out = predict_lib.collect(self.predict_step(embeddings), self.weights,
-                          predict_lib.array_batches(images, self.global_batch), "predictions")["outputs"]
+                              predict_lib.array_batches(images, batch or self.global_batch), "predictions")["outputs"]
     probabilities, features, classes = _split_outputs(out, embeddings, self.num_classes)
     return Scores(probabilities, features, classes=classes)
 

@@ -68,9 +68,9 @@ class EnsemblePredictor:
   def description(self):
     return f"ensemble of {len(self.members)} fold models ({self.members[0].description}, ...)"
 
-  def score(self, images):
-    """image.Scores whose probabilities are the mean over fold models of theirs."""
-    return image.Scores(np.mean([m.score(images).probabilities for m in self.members], axis=0))
+  def score(self, images, batch=None):
+    """image.Scores whose probabilities are the mean over fold models of theirs (`batch`: as theirs)."""
+    return image.Scores(np.mean([m.score(images, batch=batch).probabilities for m in self.members], axis=0))
 
   def score_folds(self, images):
     """[image.Scores with embeddings] of every fold model, fold order."""

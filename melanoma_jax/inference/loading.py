@@ -5,6 +5,8 @@ checkpoint; `score(images)` -> probabilities), an ensemble workdir an `ensemble.
 models' TrainedModels averaged, the metadata fused with its fitted stages). Anything else is refused with
 one line, as are workdirs with no run, no checkpoint, or a config this code cannot resolve.
 """
+import json
+import os
 import sys
 from typing import Optional
 
@@ -14,6 +16,7 @@ from melanoma_jax.training import identity
 from melanoma_jax.utils.errors import InputError
 
 ENSEMBLE, IMAGE = "ensemble", "image"
+OPERATING_SENSITIVITY = 0.9  # A served verdict's threshold: the one reaching this sensitivity (report.json).
 
 
 def kind_of(workdir):
@@ -45,3 +48,20 @@ def announce(workdir, predictor, require_finished=False):
       raise InputError(f"{shown}: {predictor.unfinished}; --require_finished refuses it")
     print(f"warning: {shown}: {predictor.unfinished}; using the best checkpoint so far", file=sys.stderr, flush=True)
   print(f"{shown}: {predictor.description}", file=sys.stderr, flush=True)
+
+
+def operating_point(workdir):
+  """{"name", "threshold", "sensitivity", "specificity"} of the run's report.json image stage reaching
+  OPERATING_SENSITIVITY on its validation rows, or None when the run has no such report (the served
+  probability is that stage's column: the image run's prediction, an ensemble's fold mean)."""
+  try:
+    with open(os.path.join(workdir, "report.json")) as f:
+      report = json.load(f)
+    points = report["stages"]["image"]["operating_points"]["specificity_at_sensitivity"]
+    point = next(p for p in points if abs(p["target"] - OPERATING_SENSITIVITY) < 1e-9)
+    threshold = float(point["threshold"])
+  except (OSError, ValueError, KeyError, TypeError, StopIteration):
+    return None
+  return {"name": f"{OPERATING_SENSITIVITY:.0%} sensitivity on the run's validation images (report.json)",
+          "threshold": threshold, "sensitivity": point.get("sensitivity"),
+          "specificity": point.get("specificity")}

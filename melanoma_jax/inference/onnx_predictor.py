@@ -30,6 +30,7 @@ class OnnxPredictor:
   """Model inputs (float32 [N, S, S, 3] in [-1, 1]) -> probabilities with ONNX Runtime (see the module doc)."""
 
   unfinished = ""
+  engine = "onnx"
 
   def __init__(self, folder, record, model_file, threads=0):
     self.folder, self.record, self.model_file = folder, record, model_file
@@ -43,8 +44,9 @@ class OnnxPredictor:
     return (f"ONNX Runtime, {self.model_file} of {self.folder} ({self.record.get('model', '?')}; "
             f"exported from {self.record.get('workdir', '?')})")
 
-  def score(self, images):
-    return _Scores(onnx_export.probabilities(self.session, images, BATCH))
+  def score(self, images, batch=None):
+    """Probabilities of `images`; ONNX Runtime takes any batch, so `batch` only caps the rows of one call."""
+    return _Scores(onnx_export.probabilities(self.session, images, batch or BATCH))
 
 
 def read_record(folder, flag="--exported"):

@@ -264,11 +264,11 @@ def create_app(served, settings, metrics, state):
   @app.get("/v2/models/{requested}")
   async def v2_metadata(requested: str):
     known(requested)
-    return {"name": name, "versions": [served.version], "platform": "jax",
+    return {"name": name, "versions": [served.version], "platform": "onnxruntime" if served.engine == "onnx" else "jax",
             "inputs": [{"name": protocol.INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": protocol.OUTPUT, "datatype": "FP64", "shape": [-1]}],
             # What the patient endpoint offers (the review page reads it).
-            "parameters": {"saliency": not served.ensemble, "fuses": served.fuses,
+            "parameters": {"saliency": served.explains, "fuses": served.fuses,
                            "operating_point": served.operating_point}}
 
   @app.get("/v2/models/{requested}/ready")
@@ -292,8 +292,8 @@ def create_app(served, settings, metrics, state):
     x = await decode(request, data, "images")
     try:
       model_lib.check_names(names)
-      if saliency and served.ensemble:
-        raise InputError("saliency: an ensemble workdir explains no single network; serve one fold's workdir")
+      if saliency:
+        served.check_explains()
       rows = await asyncio.wait_for(state.batcher.run_exclusive(served.patient, x, names, metadata),
                                     settings.timeout_s)
       if saliency:

@@ -10,7 +10,6 @@ fitted stages, the fusion of the images with their metadata through `EnsemblePre
 
 Not thread-safe: the server calls `score`, `patient`, `saliency_png` and `warm_up` from one thread.
 """
-import json
 import os
 import tempfile
 
@@ -26,27 +25,40 @@ from melanoma_jax.utils.errors import InputError
 # The ugly-duckling score shown per image: its mean distance to the patient's other images in the embedding
 # geometry, over the patient's typical distance between two images (1: as typical as the others).
 UGLY_DUCKLING = "embedding_dist_mean"
-OPERATING_SENSITIVITY = 0.9  # The page's verdict: the report's threshold reaching this sensitivity.
 PATIENT = "patient"  # The patient id every image of one patient request shares.
 METADATA_FIELDS = {"sex": "sex", "age": "age_approx", "site": "anatom_site_general_challenge"}
 
 
 class ServedModel:
-  """`predictor` (an `image.TrainedModel` or an ensemble's predictor) of `workdir`, with `limits` on images."""
+  """`predictor` (an `image.TrainedModel`, an ensemble's predictor, or an ONNX export's
+  `inference.onnx_predictor.OnnxPredictor`) of `workdir` (None for an ONNX export), with `limits` on images;
+  batches of up to `max_batch_size` images."""
 
-  def __init__(self, workdir, predictor, limits=None):
+  def __init__(self, workdir, predictor, limits=None, max_batch_size=16):
     self.workdir, self.predictor = workdir, predictor
-    self.ensemble = loading.kind_of(workdir) == loading.ENSEMBLE
+    self.engine = getattr(predictor, "engine", "jax")
+    self.ensemble = self.engine == "jax" and loading.kind_of(workdir) == loading.ENSEMBLE
     self.reader = images_lib.Reader(predictor.image_size, limits)
-    members = predictor.members if self.ensemble else [predictor]
+    if self.engine == "onnx":  # ONNX Runtime takes any batch size: nothing to compile.
+      self.batch_sizes = [int(max_batch_size)]
+      step, self.operating_point = predictor.record.get("checkpoint_step", 1), predictor.record.get("operating_point")
+    else:
+      import jax  # pylint: disable=g-import-not-at-top
+      self.batch_sizes = batch_sizes(max_batch_size, jax.local_device_count())
+      members = predictor.members if self.ensemble else [predictor]
+      step, self.operating_point = members[0].checkpoint_step, loading.operating_point(workdir)
     # TF Serving's versions are integers: the checkpoint step (an ensemble: its first fold's).
-    self.version = str(members[0].checkpoint_step)
-    self.operating_point = operating_point(workdir)
+    self.version = str(step)
 
   @property
   def fuses(self):
     """Whether a patient request's metadata is fused (an ensemble with its fitted stages)."""
     return self.ensemble and self.predictor.fitted is not None
+
+  @property
+  def explains(self):
+    """Whether saliency maps can be asked for (one network on the JAX engine)."""
+    return self.engine == "jax" and not self.ensemble
 
   @property
   def description(self):
@@ -57,22 +69,24 @@ class ServedModel:
     return self.reader.read_data(data, "request image")
 
   def score(self, x):
-    """float64 [N] probabilities of model inputs `x` [N, S, S, 3] (the predict command's)."""
-    return np.asarray(self.predictor.score(x).probabilities, np.float64)
+    """float64 [N] probabilities of model inputs `x` [N, S, S, 3] (the predict command's), padded to the
+    smallest of `batch_sizes` that holds them."""
+    batch = next((b for b in self.batch_sizes if b >= len(x)), self.batch_sizes[-1])
+    return np.asarray(self.predictor.score(x, batch=batch).probabilities, np.float64)
 
   def warm_up(self):
-    """Compiles every step a request can run (the image checks and decoder; the predict step at the run's
-    global batch, the one every batch is padded to; the embedding step; Grad-CAM and SmoothGrad of one image)
-    before the server is ready."""
+    """Compiles every step a request can run (the image checks and decoder; the predict step at each of
+    `batch_sizes`; the embedding step; Grad-CAM and SmoothGrad of one image) before the server is ready."""
     from melanoma_jax.utils.tf_host import tf  # pylint: disable=g-import-not-at-top
     png = tf().io.encode_png(tf().zeros([8, 8, 3], tf().uint8)).numpy()  # Traces the checks and the decoder.
     x, reason = self.decode(png)
     if reason:
       raise InputError(f"warm-up: an 8x8 PNG was refused ({reason})")
     x = x[None]
-    self.score(x)
+    for size in self.batch_sizes:
+      self.score(np.repeat(x, size, axis=0))
     self.patient(x, ["warm-up"], None)
-    if not self.ensemble:
+    if self.explains:
       self.saliency_png(x[0], "warm-up")
 
   def patient(self, x, names, metadata):
@@ -80,7 +94,9 @@ class ServedModel:
     probability), ugly_duckling (UGLY_DUCKLING) and, when `metadata` (per image {sex, age, site}, values may be
     None) is given and the workdir fuses, pred_fused; also pred_image for an ensemble."""
     n = len(x)
-    if self.ensemble:
+    if self.engine == "onnx":  # No embeddings in an ONNX export: probabilities and ranks only.
+      per_fold, context = [(self.score(x), None)], {UGLY_DUCKLING: [None] * n}
+    elif self.ensemble:
       outs = self.predictor.score_folds(x)
       per_fold = [(o.probabilities, o.embeddings) for o in outs]
       spaces = list(self.predictor.fitted.spaces) if self.predictor.fitted is not None else None
@@ -92,7 +108,7 @@ class ServedModel:
       context = context_lib.image_context([PATIENT] * n, out.probabilities, out.embeddings)
     probs = np.mean([np.asarray(p, np.float64) for p, _ in per_fold], axis=0)
     ranks = pd.Series(probs).rank(ascending=False, method="min").astype(int).to_numpy()
-    rows = [{"name": name, "probability": float(p), "rank": int(r), "ugly_duckling": float(u)}
+    rows = [{"name": name, "probability": float(p), "rank": int(r), "ugly_duckling": None if u is None else float(u)}
             for name, p, r, u in zip(names, probs, ranks, context[UGLY_DUCKLING])]
     if metadata is not None and self.fuses:
       table = metadata_table(names, metadata)
@@ -101,12 +117,18 @@ class ServedModel:
         row.update(pred_image=float(pred_image), pred_fused=float(pred_fused))
     return rows
 
+  def check_explains(self):
+    """InputError (one line) when saliency maps cannot be given (see `explains`)."""
+    if self.engine == "onnx":
+      raise InputError("saliency: ONNX Runtime gives no gradients; serve the workdir with --engine=jax for maps")
+    if self.ensemble:
+      raise loading.one_model_only(self.workdir, "saliency maps")
+
   def saliency_png(self, image, title):
     """The PNG bytes `predict --saliency` writes for one model input `image` [S, S, 3] (image, Grad-CAM
     overlay, SmoothGrad), through a temporary folder of our own."""
     from melanoma_jax.inference import saliency  # pylint: disable=g-import-not-at-top
-    if self.ensemble:
-      raise loading.one_model_only(self.workdir, "saliency maps")
+    self.check_explains()
     x = np.asarray(image, np.float32)[None]
     cam = saliency.grad_cam(self.predictor.model, self.predictor.variables, x)[0]
     smooth = saliency.smoothgrad(self.predictor.model, self.predictor.variables, x)[0]
@@ -124,21 +146,17 @@ def metadata_table(names, metadata):
   return metadata_lib.table_of(frame, "patient metadata", "the request")
 
 
-def operating_point(workdir):
-  """{"name", "threshold"} of the run's report.json image stage reaching OPERATING_SENSITIVITY on its
-  validation rows, or None when the run has no such report (the served probability is that stage's column:
-  the image run's prediction, an ensemble's fold mean)."""
-  try:
-    with open(os.path.join(workdir, "report.json")) as f:
-      report = json.load(f)
-    points = report["stages"]["image"]["operating_points"]["specificity_at_sensitivity"]
-    point = next(p for p in points if abs(p["target"] - OPERATING_SENSITIVITY) < 1e-9)
-    threshold = float(point["threshold"])
-  except (OSError, ValueError, KeyError, TypeError, StopIteration):
-    return None
-  return {"name": f"{OPERATING_SENSITIVITY:.0%} sensitivity on the run's validation images (report.json)",
-          "threshold": threshold, "sensitivity": point.get("sensitivity"),
-          "specificity": point.get("specificity")}
+def batch_sizes(max_batch_size, devices):
+  """The batch sizes the server compiles: `devices` x 1, 2, 4, ... images, up to the first that holds
+  `max_batch_size`. A batch is padded to the smallest that holds it, so a lone request costs a batch of one
+  per device and a full batch costs no padding (one shape at the run's global batch made a full batch of 16
+  pay for 64)."""
+  per_device = -(-int(max_batch_size) // devices)
+  sizes, k = [], 1
+  while k < per_device:
+    sizes.append(k * devices)
+    k *= 2
+  return sizes + [per_device * devices]
 
 
 def check_names(names):
