@@ -49,7 +49,7 @@ class Settings:
   """The server's options (the command's flags)."""
   model_name: str = "melanoma"
   max_batch_size: int = 16
-  batch_timeout_ms: float = 5.0
+  batch_timeout_ms: float = 100.0  # Waited only while requests are being received (see batching.py).
   max_queue: int = 256         # Images waiting for the model before a request is refused with 503.
   timeout_s: float = 60.0      # Per request, from its arrival to its answer (504 past it).
   max_body_mb: float = 100.0   # Request body (413 past it).
