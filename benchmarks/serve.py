@@ -13,7 +13,11 @@ InceptionResNetV2 + the 512-256-64-16 head, random weights, inference mode, no T
   through Keras' ONNX export), in ONNX Runtime on the same decoded images as Keras;
 * onnx_int8: that model after the export's static QDQ int8 quantization (calibrated here on as many random images
   as the export would use: the speed is what is measured; its AUC is measured by the export on a run's
-  validation fold).
+  validation fold);
+* with --bf16, jax_bf16: the predict command's path with `--dtype=bfloat16` (the same float32 weights, computed
+  in bfloat16: on a CPU with AMX / AVX512-BF16 its spatial convolutions run as bfloat16 matrix products,
+  `kernels.bf16_dots`), and keras_bf16: the Keras model under Keras' `mixed_bfloat16` policy (oneDNN's
+  bfloat16 kernels), `model.predict` on the decoded images.
 Every side uses every core (`threads`: XLA, TensorFlow and ONNX Runtime each run that many). ONNX fp32 is
 checked against the JAX path on the timed batch (`onnx_fp32_max_abs_diff_vs_jax`, within 1e-4 to count as
 correct); int8's difference is reported, not required. `batch1_latency_ms`: the median time of one image
@@ -48,6 +52,7 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=2, help="timed batches per side per round")
   parser.add_argument("--latency_calls", type=int, default=5, help="batch-1 calls per side")
   parser.add_argument("--no_int8", action="store_true", help="leave out the int8 model")
+  parser.add_argument("--bf16", action="store_true", help="add our bfloat16 path and Keras' mixed_bfloat16")
   parser.add_argument("--out", default=None, help="also write the JSON line to this file")
   return parser.parse_args(argv)
 
@@ -95,6 +100,15 @@ def contenders(args, jpegs, workdir):
   fp32_session = onnx_export.session(fp32, threads)
   sides = {"jax": jax_path, "saved_model": saved_model_path, "keras": keras_path,
            "onnx_fp32": lambda: onnx_export.probabilities(fp32_session, decoded, args.global_batch)}
+  if args.bf16:
+    import keras  # pylint: disable=g-import-not-at-top
+    config.model.dtype = "bfloat16"
+    run_bf16 = setup.resolve(config)
+    bf16 = image.TrainedModel("", run_bf16, run_bf16.build_model(), predictor.variables, 0, 0)
+    sides["jax_bf16"] = lambda: bf16.score(images.stack([reader.decode(b) for b in jpegs], args.size)).probabilities
+    keras_bf16 = train_step.keras_model(args.size, "bfloat16")  # Sets the global policy: built last.
+    keras.mixed_precision.set_global_policy("float32")
+    sides["keras_bf16"] = lambda: keras_bf16.predict(decoded, batch_size=args.global_batch, verbose=0)
   batch1 = {"jax": lambda: predictor.score(decoded[:1]).probabilities,
             "saved_model": lambda: serve(image_bytes=batch[:1])["probability"].numpy(),
             "keras": lambda: keras.predict(decoded[:1], batch_size=1, verbose=0),
@@ -138,7 +152,9 @@ def main(argv=None):
       for name, fn in batch1.items():
         latency[name].append(common.timed(fn)[0])
   rate = {name: common.throughput(args.global_batch, t) for name, t in times.items()}
-  correct = [n for n in rate if not n.startswith("onnx") or facts.get(f"{n}_max_abs_diff_vs_jax", 1) <= 1e-4]
+  # bfloat16 sides round differently from the float32 network: compared apart, never the "fastest correct".
+  correct = [n for n in rate if not n.endswith("_bf16")
+             and (not n.startswith("onnx") or facts.get(f"{n}_max_abs_diff_vs_jax", 1) <= 1e-4)]
   fastest = max(correct, key=rate.get)
   result = {"name": "serve", "size": args.size, "global_batch": args.global_batch, "rounds": args.rounds,
             "steps": args.steps, "machine": common.machine(), "devices": common.jax.local_device_count(),
@@ -146,6 +162,9 @@ def main(argv=None):
             "ratio_jax_vs_keras": round(rate["jax"] / rate["keras"], 3),
             "ratio_saved_model_vs_keras": round(rate["saved_model"] / rate["keras"], 3),
             **{f"ratio_{n}_vs_keras": round(rate[n] / rate["keras"], 3) for n in rate if n.startswith("onnx")},
+            **({"ratio_jax_bf16_vs_keras": round(rate["jax_bf16"] / rate["keras"], 3),
+                "ratio_jax_bf16_vs_keras_bf16": round(rate["jax_bf16"] / rate["keras_bf16"], 3),
+                "ratio_jax_bf16_vs_jax": round(rate["jax_bf16"] / rate["jax"], 3)} if args.bf16 else {}),
             "fastest_correct": fastest, "ratio_fastest_correct_vs_keras": round(rate[fastest] / rate["keras"], 3),
             "batch1_latency_ms": {n: round(1000 * statistics.median(t), 1) for n, t in latency.items()},
             **{k: (round(v, 7) if isinstance(v, float) else v) for k, v in facts.items()},

@@ -144,15 +144,17 @@ def _write_saliency(predictor, x, rows, folder):
 
 
 def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits=None, require_finished=False,
-        engine="jax", exported="", onnx_model="fp32"):
+        engine="jax", exported="", onnx_model="fp32", dtype=None):
   """The command: returns the rows written to `out` (raises RunError on bad input). `limits`: see
   predict_folder. The workdir is read under its shared lock: refused while a run trains there. `engine`
-  "onnx": ONNX Runtime on export `exported`'s `onnx_model` ("fp32" or "int8"), no workdir."""
+  "onnx": ONNX Runtime on export `exported`'s `onnx_model` ("fp32" or "int8"), no workdir. `dtype` None: the
+  run's compute dtype, else "float32" or "bfloat16"."""
   from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
   if engine == "onnx":
     unused = [f for f, v in (("--workdir", workdir), ("--saliency", saliency_dir), ("--metadata", metadata),
-                             ("--tta", tta is not None), ("--require_finished", require_finished)) if v]
+                             ("--tta", tta is not None), ("--require_finished", require_finished),
+                             ("--dtype", dtype is not None)) if v]
     if unused or not exported:
       raise InputError(f"--engine=onnx takes --exported=DIR (an ONNX export), not {', '.join(unused)}" if unused
                        else "--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
@@ -164,10 +166,10 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits
   if not workdir:
     raise InputError("--workdir is required with --engine=jax")
   with workdir_lib.read_lock(workdir):
-    return _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished)
+    return _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished, dtype)
 
 
-def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished):
+def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished, dtype):
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import loading  # pylint: disable=g-import-not-at-top
   from melanoma_jax.inference import outputs  # pylint: disable=g-import-not-at-top
@@ -186,7 +188,7 @@ def _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_
     raise loading.one_model_only(workdir, "saliency maps")
   if metadata and kind != loading.ENSEMBLE:
     raise InputError("--metadata is only used by ensemble workdirs; this workdir holds a single image model")
-  predictor = loading.load_predictor(workdir, tta=tta)
+  predictor = loading.load_predictor(workdir, tta=tta, dtype=dtype)
   loading.announce(workdir, predictor, require_finished)
   # Only ensembles fuse metadata: read and checked before any image is read.
   table = predictor.read_metadata(metadata) if metadata else None
@@ -224,13 +226,13 @@ def _run_onnx(exported, onnx_model, images_dir, out, limits):
 
 
 def command(workdir, images_dir, out, saliency_dir="", metadata="", tta="run", limits=None, require_finished=False,
-            engine="jax", exported="", onnx_model="fp32"):
+            engine="jax", exported="", onnx_model="fp32", dtype="run"):
   """The command line's work and messages; returns its exit code (0: at least one image predicted)."""
   from melanoma_jax.utils.errors import RunError  # pylint: disable=g-import-not-at-top
   start = time.time()
   try:
     rows = run(workdir, images_dir, out, saliency_dir, metadata, cli.TTA_CHOICES[tta], limits, require_finished, engine,
-               exported, onnx_model)
+               exported, onnx_model, cli.DTYPE_CHOICES[dtype])
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
@@ -252,7 +254,7 @@ def main(argv):
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   sys.exit(command(FLAGS.workdir, FLAGS.images, FLAGS.out, FLAGS.saliency, FLAGS.metadata, FLAGS.tta,
                    limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), FLAGS.require_finished, FLAGS.engine,
-                   FLAGS.exported, FLAGS.onnx_model))
+                   FLAGS.exported, FLAGS.onnx_model, FLAGS.dtype))
 
 
 def _define_flags():
@@ -268,6 +270,7 @@ def _define_flags():
   flags.DEFINE_string("metadata", "", "Per-image metadata CSV (image_name or image, patient_id, sex, age_approx, "
                       "anatom_site_general_challenge), for ensemble workdirs: fused as the ensemble's test rows.")
   cli.define_tta_flag()
+  cli.define_dtype_flag()
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="gets its error row",
                           uses="predicts with")

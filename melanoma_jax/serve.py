@@ -33,7 +33,7 @@ TOKEN_VARIABLE = "MELANOMA_JAX_SERVE_TOKEN"
 
 
 def serve(workdir, host, port, settings, limits=None, tta=None, require_finished=False, engine="jax", exported="",
-          onnx_model="fp32"):
+          onnx_model="fp32", dtype=None):
   """Serves until SIGTERM or SIGINT; returns the exit code (raises RunError on bad input). `engine` "onnx":
   ONNX Runtime on export `exported`'s `onnx_model` instead of `workdir` (as the predict command's)."""
   import logging  # pylint: disable=g-import-not-at-top
@@ -48,7 +48,7 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
   app_lib.LOG.addHandler(handler)
   app_lib.LOG.setLevel(logging.INFO)
   app_lib.LOG.propagate = False
-  check_engine(engine, workdir, exported, tta)
+  check_engine(engine, workdir, exported, tta, dtype)
   lock = workdir_lib.read_lock(workdir) if engine == "jax" else contextlib.nullcontext()
   with lock:
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
       predictor = onnx_predictor.load(exported, onnx_model)
       print(predictor.description, file=sys.stderr, flush=True)
     else:
-      predictor = loading.load_predictor(workdir, tta=tta)
+      predictor = loading.load_predictor(workdir, tta=tta, dtype=dtype)
       loading.announce(workdir, predictor, require_finished)
     metrics = serving.Metrics()
     metrics.load_seconds.set(time.perf_counter() - start)
@@ -89,12 +89,13 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
   return 0
 
 
-def check_engine(engine, workdir, exported, tta):
+def check_engine(engine, workdir, exported, tta, dtype=None):
   """The engine's flags, refused in one line when they do not fit (the predict command's rules)."""
   from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
   if engine == "onnx":
-    if workdir or tta is not None:
-      raise InputError(f"--engine=onnx serves --exported=DIR (its own TTA), not {'--workdir' if workdir else '--tta'}")
+    unused = [f for f, v in (("--workdir", workdir), ("--tta", tta is not None), ("--dtype", dtype is not None)) if v]
+    if unused:
+      raise InputError(f"--engine=onnx serves --exported=DIR (its own TTA), not {', '.join(unused)}")
     if not exported:
       raise InputError("--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
   elif engine == "jax":
@@ -148,7 +149,8 @@ def main(argv):
   try:
     code = serve(FLAGS.workdir, FLAGS.host, FLAGS.port, settings_of_flags(),
                  limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), cli.TTA_CHOICES[FLAGS.tta],
-                 FLAGS.require_finished, FLAGS.engine, FLAGS.exported, FLAGS.onnx_model)
+                 FLAGS.require_finished, FLAGS.engine, FLAGS.exported, FLAGS.onnx_model,
+                 cli.DTYPE_CHOICES[FLAGS.dtype])
   except RunError as e:
     print(f"error: {e}", file=sys.stderr)
     code = e.exit_code
@@ -178,6 +180,7 @@ def _define_flags():
                       f"${TOKEN_VARIABLE} if set, else none).")
   flags.DEFINE_string("cors_origins", "", "Comma-separated origins browsers may call from ('' = no CORS).")
   cli.define_tta_flag()
+  cli.define_dtype_flag()
   from melanoma_jax.inference import limits  # pylint: disable=g-import-not-at-top
   cli.define_reader_flags(limits.DEFAULT_MAX_FILE_MB, limits.DEFAULT_MAX_PIXELS, over="is refused with 400",
                           uses="serves")

@@ -240,6 +240,8 @@ def test_inception_resnet_v2_trains_through_main(data_dir, tmp_path):
   assert f"backbone initialised from {weights}" in proc.stderr
   results = json.loads((workdir / "results.json").read_text())
   assert results["steps"] == 2 and results["devices"] == 8 and results["global_batch"] == 8
+  assert results["compute_dtype"] == "float32"  # The run's dtype, in results.json and in the model's log line.
+  assert "inception_resnet_v2 75x75 computing in float32; global batch 8 on 8 device(s)" in proc.stderr
   assert np.isfinite(results["val_auc"])
   assert len(pd.read_csv(workdir / "submission.csv")) == len(pd.read_csv(os.path.join(data_dir, "test.csv")))
 

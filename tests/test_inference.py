@@ -81,6 +81,19 @@ def test_predict_reproduces_the_runs_submission_from_jpeg_files(workdir, predict
   assert "predicted 39 of 42 image(s)" in proc.stdout
 
 
+def test_predict_in_bfloat16_on_request_stays_near_the_float32_run(workdir, predicted, image_folder, tmp_path):
+  """--dtype=bfloat16 computes in bfloat16 (said in the model's line) and moves probabilities by rounding only."""
+  out = tmp_path / "bf16.csv"
+  assert predict_cli.command(str(workdir), str(image_folder), str(out), dtype="bfloat16") == 0
+  rows = pd.read_csv(out, keep_default_na=False).set_index("image")
+  want = predicted[0].set_index("image").loc[rows.index]
+  assert (rows["error"] == want["error"]).all()
+  ok = rows["error"] == ""
+  got, ref = rows.loc[ok, "probability"].astype(float), want.loc[ok, "probability"].astype(float)
+  assert 0 < np.abs(got - ref).max() < 0.02, np.abs(got - ref).max()  # Not float32's values, near them.
+  assert "computing in bfloat16" in loading.load_predictor(str(workdir), dtype="bfloat16").description
+
+
 def test_unreadable_files_get_a_reason_and_converted_files_a_prediction(workdir, predicted):
   rows, proc, _ = predicted
   by_name = rows.set_index("image")

@@ -209,6 +209,7 @@ def test_refusals_are_one_line_and_write_nothing(workdir, exported, tmp_path):
   for engine, kwargs, fragment in (("onnx", {"exported": str(stranger)}, "not an ONNX export"),
                                    ("onnx", {}, "needs --exported"),
                                    ("onnx", {"exported": str(exported), "saliency_dir": "maps"}, "--saliency"),
+                                   ("onnx", {"exported": str(exported), "dtype": "bfloat16"}, "--dtype"),
                                    ("jax", {"exported": str(exported)}, "--exported is for --engine=onnx")):
     with pytest.raises(InputError) as e:
       predict_cli.run(str(workdir) if engine == "jax" else "", str(images), str(tmp_path / "p.csv"), engine=engine,

@@ -68,6 +68,11 @@ class ImageRun:
   def build_model(self):
     return models.build_model(self.model_name, bn_axis_name=steps.AXIS, **self.model_kwargs)
 
+  @property
+  def compute_dtype(self):
+    """"float32" or "bfloat16": the model's compute dtype (config.model.dtype)."""
+    return self.model_kwargs.get("dtype", "float32")
+
 
 def _check(condition, message):
   if not condition:

@@ -135,6 +135,7 @@ def train(config, workdir, start_time=None):
                                else meta["train_images"] / max(meta["train_seconds"], 1e-9)),
       "wall_seconds": time.time() - start_time,
       "global_batch": run.global_batch,
+      "compute_dtype": run.compute_dtype,
       "devices": run.num_devices,
       "processes": run.process_count,
       # Training images per source: the fold's 2020 rows and each external set (validation is 2020 only).
@@ -151,9 +152,10 @@ def _fit(run, config, workdir, pipeline, split, data, checkpointer, recorded, cl
   meta carries `recorded` (the run's config fields) for `identity.check_checkpoint`; `class_counts` are a
   diagnosis target's training images per class."""
   weights = data_lib.stream_class_weights(run, pipeline, class_counts)
-  logging.info("global batch %d on %d device(s) of %d process(es), %d steps/epoch, malignant share of the stream "
-               "%.3f, class weights %s", run.global_batch, run.num_devices, run.process_count,
-               pipeline.steps_per_epoch, pipeline.positive_share(), " / ".join(f"{w:.3f}" for w in weights))
+  logging.info("%s %dx%d computing in %s; global batch %d on %d device(s) of %d process(es), %d steps/epoch, "
+               "malignant share of the stream %.3f, class weights %s", run.model_name, run.image_size,
+               run.image_size, run.compute_dtype, run.global_batch, run.num_devices, run.process_count, pipeline.steps_per_epoch,
+               pipeline.positive_share(), " / ".join(f"{w:.3f}" for w in weights))
   # The validation loss is the binary one of p(melanoma); a diagnosis target's weights are per class.
   binary_weights = weights if run.target != "diagnosis" else (1.0, 1.0)
   model = run.build_model()

@@ -132,7 +132,9 @@ class TrainedModel:
 
   @property
   def description(self):
-    return (f"{self.run.model_name} {self.image_size}x{self.image_size}, best checkpoint of epoch {self.epoch} "
+    dtype = self.run.compute_dtype
+    return (f"{self.run.model_name} {self.image_size}x{self.image_size}"
+            f"{', computing in ' + dtype if dtype != 'float32' else ''}, best checkpoint of epoch {self.epoch} "
             f"(step {self.checkpoint_step}){f', TTA over {self.tta} views' if self.tta > 1 else ''}")
 
   def predict_step(self, embeddings=False):
@@ -164,11 +166,14 @@ def checkpointer(run, workdir):
                                      max_to_keep=run.checkpoints_to_keep)
 
 
-def recorded_run(workdir, tta: Optional[int] = None) -> setup.ImageRun:
+def recorded_run(workdir, tta: Optional[int] = None, dtype: Optional[str] = None) -> setup.ImageRun:
   """The resolved run `workdir` recorded (`tta` None: its own setting, else a number of views as
-  `config.tta` takes it), its batch filling this machine's devices whatever split of the global batch
-  training used."""
-  config = identity.recorded_config(workdir, None if tta is None else {"tta": tta})
+  `config.tta` takes it; `dtype` None: its compute dtype, else "float32" or "bfloat16"), its batch filling
+  this machine's devices whatever split of the global batch training used."""
+  overrides = {"tta": tta} if tta is not None else {}
+  if dtype is not None:
+    overrides["model.dtype"] = dtype
+  config = identity.recorded_config(workdir, overrides)
   config.global_batch_size = 0
   try:
     return setup.resolve(config)
@@ -187,10 +192,11 @@ def unfinished_reason(workdir, latest_meta, num_epochs):
   return ""
 
 
-def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[int] = None) -> TrainedModel:
+def load_best(workdir, run: Optional[setup.ImageRun] = None, tta: Optional[int] = None,
+              dtype: Optional[str] = None) -> TrainedModel:
   """The TrainedModel of the best checkpoint in `workdir` (`run` None: the run it recorded, see
   `recorded_run`); one-line InputError when there is none."""
-  run = run or recorded_run(workdir, tta)
+  run = run or recorded_run(workdir, tta, dtype)
   directory = os.path.join(workdir, CHECKPOINTS)
   if not os.path.isdir(directory):  # Checked first: the checkpointer would create the folder.
     raise InputError(f"{directory}: no best checkpoint to predict with (train first)")

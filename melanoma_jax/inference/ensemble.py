@@ -101,8 +101,8 @@ class EnsemblePredictor:
     return out
 
 
-def load(workdir, tta=None):
-  """The EnsemblePredictor of ensemble workdir `workdir` (`tta` None: the folds' own setting)."""
+def load(workdir, tta=None, dtype=None):
+  """The EnsemblePredictor of ensemble workdir `workdir` (`tta`, `dtype` None: the folds' own settings)."""
   config = identity.recorded_config(workdir)
   num_folds = int(config.get("num_folds", 0))
   if num_folds < 1:
@@ -112,7 +112,7 @@ def load(workdir, tta=None):
     fold_dir = os.path.join(workdir, f"fold_{fold}")
     if not os.path.isdir(fold_dir):
       raise InputError(f"{fold_dir}: fold {fold} of {num_folds} not found (train the ensemble first)")
-    members.append(image.load_best(fold_dir, tta=tta))
+    members.append(image.load_best(fold_dir, tta=tta, dtype=dtype))
   fitted, unfused = None, ""
   try:
     fitted = fitted_lib.load(workdir)

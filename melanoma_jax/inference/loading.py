@@ -32,11 +32,12 @@ def one_model_only(workdir, what):
   return ensemble.one_model_only(workdir, what)
 
 
-def load_predictor(workdir, tta: Optional[int] = None):
-  """The predictor of `workdir` (`tta` None: the run's own setting, else a number of views); see the module doc."""
+def load_predictor(workdir, tta: Optional[int] = None, dtype: Optional[str] = None):
+  """The predictor of `workdir` (`tta` None: the run's own setting, else a number of views; `dtype` None: the
+  run's compute dtype, else "float32" or "bfloat16"); see the module doc."""
   if kind_of(workdir) == ENSEMBLE:
-    return ensemble.load(workdir, tta)
-  return image.load_best(workdir, tta=tta)
+    return ensemble.load(workdir, tta, dtype)
+  return image.load_best(workdir, tta=tta, dtype=dtype)
 
 
 def announce(workdir, predictor, require_finished=False):

@@ -37,6 +37,17 @@ def define_reader_flags(max_file_mb, max_pixels, over, uses):
 TTA_CHOICES = {"run": None, "on": 3, "off": 1, "1": 1, "2": 2, "3": 3, "8": 8}
 
 
+# --dtype of the commands that score images: "run" keeps the run's compute dtype (config.model.dtype).
+# bfloat16 is about 1.5x float32 on a CPU with AMX / AVX512-BF16 (docs/performance.md) but moves
+# probabilities by about 1e-3, so the run's operating points no longer hold exactly: never the default.
+DTYPE_CHOICES = {"run": None, "float32": "float32", "bfloat16": "bfloat16"}
+
+
+def define_dtype_flag():
+  flags.DEFINE_enum("dtype", "run", list(DTYPE_CHOICES),
+                    "Compute dtype: the run's (run), or float32 / bfloat16 (parameters stay float32).")
+
+
 def define_tta_flag():
   flags.DEFINE_enum("tta", "run", list(TTA_CHOICES),
                     "TTA views: as the run's evaluation (run), or a number of views (config.tta); on = 3, off = 1.")
