@@ -101,13 +101,13 @@ def contenders(args, jpegs, workdir):
   sides = {"jax": jax_path, "saved_model": saved_model_path, "keras": keras_path,
            "onnx_fp32": lambda: onnx_export.probabilities(fp32_session, decoded, args.global_batch)}
   if args.bf16:
-    import keras  # pylint: disable=g-import-not-at-top
+    import keras as keras_lib  # pylint: disable=g-import-not-at-top
     config.model.dtype = "bfloat16"
     run_bf16 = setup.resolve(config)
     bf16 = image.TrainedModel("", run_bf16, run_bf16.build_model(), predictor.variables, 0, 0)
     sides["jax_bf16"] = lambda: bf16.score(images.stack([reader.decode(b) for b in jpegs], args.size)).probabilities
     keras_bf16 = train_step.keras_model(args.size, "bfloat16")  # Sets the global policy: built last.
-    keras.mixed_precision.set_global_policy("float32")
+    keras_lib.mixed_precision.set_global_policy("float32")
     sides["keras_bf16"] = lambda: keras_bf16.predict(decoded, batch_size=args.global_batch, verbose=0)
   batch1 = {"jax": lambda: predictor.score(decoded[:1]).probabilities,
             "saved_model": lambda: serve(image_bytes=batch[:1])["probability"].numpy(),

@@ -38,8 +38,8 @@ TTA_CHOICES = {"run": None, "on": 3, "off": 1, "1": 1, "2": 2, "3": 3, "8": 8}
 
 
 # --dtype of the commands that score images: "run" keeps the run's compute dtype (config.model.dtype).
-# bfloat16 is about 1.5x float32 on a CPU with AMX / AVX512-BF16 (docs/performance.md) but moves
-# probabilities by about 1e-3, so the run's operating points no longer hold exactly: never the default.
+# Never changed for the user: bfloat16 moves probabilities by rounding, so the run's validated operating
+# points no longer hold exactly, and on a CPU it was measured no faster than float32 (docs/performance.md).
 DTYPE_CHOICES = {"run": None, "float32": "float32", "bfloat16": "bfloat16"}
 
 
