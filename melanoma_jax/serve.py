@@ -36,6 +36,7 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
           onnx_model="fp32", dtype=None):
   """Serves until SIGTERM or SIGINT; returns the exit code (raises RunError on bad input). `engine` "onnx":
   ONNX Runtime on export `exported`'s `onnx_model` instead of `workdir` (as the predict command's)."""
+  check_engine(engine, workdir, exported, tta, dtype)  # Before the slow imports.
   import logging  # pylint: disable=g-import-not-at-top
   import uvicorn  # pylint: disable=g-import-not-at-top
   from starlette.middleware.cors import CORSMiddleware  # pylint: disable=g-import-not-at-top
@@ -48,7 +49,6 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
   app_lib.LOG.addHandler(handler)
   app_lib.LOG.setLevel(logging.INFO)
   app_lib.LOG.propagate = False
-  check_engine(engine, workdir, exported, tta, dtype)
   lock = workdir_lib.read_lock(workdir) if engine == "jax" else contextlib.nullcontext()
   with lock:
     start = time.perf_counter()
@@ -147,6 +147,9 @@ def main(argv):
           file=sys.stderr)
     sys.exit(1)
   try:
+    # Before settings_of_flags, which imports the server (and TensorFlow): a bad flag is answered at once.
+    check_engine(FLAGS.engine, FLAGS.workdir, FLAGS.exported, cli.TTA_CHOICES[FLAGS.tta],
+                 cli.DTYPE_CHOICES[FLAGS.dtype])
     code = serve(FLAGS.workdir, FLAGS.host, FLAGS.port, settings_of_flags(),
                  limits.Limits(FLAGS.max_file_mb, FLAGS.max_pixels), cli.TTA_CHOICES[FLAGS.tta],
                  FLAGS.require_finished, FLAGS.engine, FLAGS.exported, FLAGS.onnx_model,
