@@ -455,6 +455,40 @@ def test_bfloat16_keeps_float32_params_and_close_outputs(notop_variables, notop_
   assert 0 < diff <= 0.05
 
 
+def test_bfloat16_products_keep_float32_activations_and_the_bfloat16_networks_values(notop_variables, images):
+  """With `bf16_dots` (a CPU with bfloat16 units) a bfloat16 network keeps its activations in float32 between
+  bfloat16 products (`conv.activation_dtype`): its features are the plain bfloat16 network's within bfloat16
+  rounding, and its features and input gradients are nearer the float32 network's than the plain bfloat16
+  network's are (which round every activation, through 160 layers of backward pass)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.models import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  from melanoma_jax.models import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  on = dataclasses.replace(kernels_lib.CPU, bf16_dots=True)
+  off = dataclasses.replace(kernels_lib.CPU, bf16_dots=False)
+  assert conv_lib.activation_dtype(jnp.bfloat16, on) == jnp.float32
+  assert conv_lib.activation_dtype(jnp.bfloat16, off) == jnp.bfloat16
+  assert conv_lib.activation_dtype(jnp.float32, on) == jnp.float32
+  out = {}
+  for name, kernels, dtype in (("on", on, jnp.bfloat16), ("off", off, jnp.bfloat16), ("f32", off, jnp.float32)):
+    model = InceptionResNetV2(num_classes=None, dtype=dtype, kernels=kernels)
+
+    def features(x, model=model):
+      y, state = model.apply(notop_variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+      return y, state["intermediates"]["conv_1a"]["__call__"][0]
+
+    def run(x, features=features):
+      y, vjp = jax.vjp(lambda x_: features(x_)[0], x)
+      return y, vjp(jnp.ones_like(y))[0]
+
+    y, dx = jax.jit(run)(images[75])
+    out[name] = (y, dx, jax.eval_shape(features, images[75])[1].dtype)
+  assert out["on"][2] == jnp.float32 and out["off"][2] == jnp.bfloat16  # A conv + BatchNorm unit's output.
+  assert rel_diff(out["on"][0], out["off"][0]) <= 0.05
+  for k in (0, 1):  # Features, input gradients.
+    assert rel_diff(out["on"][k], out["f32"][k]) < rel_diff(out["off"][k], out["f32"][k])
+  assert float(jnp.abs(out["f32"][1]).max()) > 0
+
+
 # ------------------------------------------------------------------------------ kernels, factory
 def test_cpu_and_xla_kernels_give_the_same_network(full_variables, images):
   """All XLA:CPU workarounds on against all off, through the whole network: the same variables, and the

@@ -22,7 +22,7 @@ Found with jax.profiler traces of the 299x299 batch-8 training step; what each f
 step is measured by benchmarks/cpu_kernels.py (figures in docs/performance.md).
 """
 import functools
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -116,7 +116,8 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 class SpatialConv(nn.Module):
   """`nn.Conv(features, kernel_size, strides, padding, use_bias=False, kernel_init=kernel_init)`, with the
-  `im2col_grad` of `kernels` (a `Kernels` or one of KERNELS)."""
+  `im2col_grad` of `kernels` (a `Kernels` or one of KERNELS); computed in `dtype`, returned in
+  `output_dtype` (None: `dtype`)."""
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
@@ -125,13 +126,15 @@ class SpatialConv(nn.Module):
   kernel_init: nn.initializers.Initializer = KERNEL_INIT
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  output_dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    return spatial(x, kernel, self.strides, self.padding, resolve(self.kernels))
+    y = spatial(x, kernel, self.strides, self.padding, resolve(self.kernels))
+    return y if self.output_dtype is None else y.astype(self.output_dtype)
 
 
 # Per layer of InceptionResNetV2 at 299 (benchmarks/bf16_convs.py), the matrix products won from 64 input
@@ -196,14 +199,25 @@ def _im2col_dot_bwd(strides, padding, residuals, dy):
 im2col_dot_conv.defvjp(_im2col_dot_fwd, _im2col_dot_bwd)
 
 
+def activation_dtype(dtype, kernels: Kernels):
+  """The dtype a network keeps its activations in between convolutions computed in `dtype`: float32 where
+  `bf16_dots` runs bfloat16 products, else `dtype`. XLA:CPU has no bfloat16 arithmetic, so every
+  elementwise op on bfloat16 activations (BatchNorm, ReLU, sums, pooling) converts to float32 and back:
+  in InceptionResNetV2's bfloat16 train step such conversions took 28% of the op time and bfloat16 pooling
+  8x float32's; float32 activations with bfloat16 products only ran the step 1.2x faster
+  (docs/performance.md)."""
+  return jnp.float32 if kernels.bf16_dots and jnp.dtype(dtype) == jnp.bfloat16 else dtype
+
+
 class PointwiseConv(nn.Module):
   """`nn.Conv(features, (1, 1))` (optional bias), with the `pointwise_dot` and `pointwise_grad` of `kernels`
-  (a `Kernels` or one of KERNELS)."""
+  (a `Kernels` or one of KERNELS); computed in `dtype`, returned in `output_dtype` (None: `dtype`)."""
   features: int
   use_bias: bool = False
   kernels: Union[str, Kernels] = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  output_dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
@@ -212,7 +226,8 @@ class PointwiseConv(nn.Module):
             if self.use_bias else None)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = conv1x1(x, kernel, resolve(self.kernels))
-    return y + bias if bias is not None else y
+    y = y + bias if bias is not None else y
+    return y if self.output_dtype is None else y.astype(self.output_dtype)
 
 
 def conv1x1(x, kernel, kernels: Kernels):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from melanoma_jax.models.backbone_io import check_nhwc, feature_map_hooks
-from melanoma_jax.models.conv import KERNEL_INIT, PointwiseConv, SpatialConv
+from melanoma_jax.models.conv import KERNEL_INIT, PointwiseConv, SpatialConv, activation_dtype
 from melanoma_jax.models.kernels import Kernels, resolve
 from melanoma_jax.models.pooling import max_pool
 
@@ -121,10 +121,11 @@ def _conv(spec: Conv, dtype, kernels: Kernels, name: str) -> nn.Module:
   `PointwiseConv`, the others a `SpatialConv`; how each runs is up to `kernels` ("auto" turns them all off
   on accelerators: XLA's own convolutions and gradients, cuDNN's on a GPU, which need no im2col buffer).
   """
+  out = activation_dtype(dtype, kernels)
   if spec.kernel == (1, 1) and spec.strides == 1:  # 'SAME' and 'VALID' agree for 1x1.
-    return PointwiseConv(spec.features, kernels=kernels, dtype=dtype, name=name)
+    return PointwiseConv(spec.features, kernels=kernels, dtype=dtype, output_dtype=out, name=name)
   return SpatialConv(spec.features, spec.kernel, strides=(spec.strides, spec.strides),
-                     padding=spec.padding, kernels=kernels, dtype=dtype, name=name)
+                     padding=spec.padding, kernels=kernels, dtype=dtype, output_dtype=out, name=name)
 
 
 class ConvBN(nn.Module):
@@ -137,11 +138,12 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    s = self.spec
-    x = _conv(s, self.dtype, resolve(self.kernels), "conv")(x)
+    s, kernels = self.spec, resolve(self.kernels)
+    x = _conv(s, self.dtype, kernels, "conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                      use_scale=False, use_bias=True, use_fast_variance=False,
-                     axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=jnp.float32,
+                     axis_name=self.bn_axis_name, dtype=activation_dtype(self.dtype, kernels),
+                     param_dtype=jnp.float32,
                      name="bn")(x)
     return nn.relu(x) if self.relu else x
 
@@ -174,7 +176,8 @@ class Block(nn.Module):
     mixed = jnp.concatenate(outputs, axis=-1)
     if self.scale is None:
       return mixed
-    up = PointwiseConv(x.shape[-1], use_bias=True, kernels=kernels, dtype=self.dtype, name="up")(mixed)
+    up = PointwiseConv(x.shape[-1], use_bias=True, kernels=kernels, dtype=self.dtype,
+                       output_dtype=activation_dtype(self.dtype, kernels), name="up")(mixed)
     x = x + up * self.scale
     x = nn.relu(x) if self.relu else x
     return materialise(x) if kernels.materialise else x
@@ -229,8 +232,8 @@ class InceptionResNetV2(nn.Module):
   def __call__(self, x, train: bool):
     """Maps NHWC images scaled to [-1, 1] to logits [B, num_classes] or features [B, 1536]."""
     check_input_shape(x.shape)
-    x = jnp.asarray(x, self.dtype)
     kernels = resolve(self.kernels)
+    x = jnp.asarray(x, activation_dtype(self.dtype, kernels))  # float32 with bf16_dots: see activation_dtype.
     common = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name, kernels=kernels)
     for name, conv in STEM:
       x = ConvBN(conv, name=name, **common)(x, train)
