@@ -81,8 +81,8 @@ def contenders(args, jpegs, workdir):
   predictor = image.TrainedModel("", run, model, common.filled_variables(model, args.size), 0, 0)
   reader = images.Reader(args.size)
 
-  def jax_path():
-    return predictor.score(images.stack([reader.decode(b) for b in jpegs], args.size)).probabilities
+  def jax_path(model=predictor):
+    return model.score(images.stack([reader.decode(b) for b in jpegs], args.size)).probabilities
 
   start = time.perf_counter()
   tf_export.export(predictor, os.path.join(workdir, "saved_model"), {"benchmark": True}, platforms=("cpu",))
@@ -105,7 +105,7 @@ def contenders(args, jpegs, workdir):
     config.model.dtype = "bfloat16"
     run_bf16 = setup.resolve(config)
     bf16 = image.TrainedModel("", run_bf16, run_bf16.build_model(), predictor.variables, 0, 0)
-    sides["jax_bf16"] = lambda: bf16.score(images.stack([reader.decode(b) for b in jpegs], args.size)).probabilities
+    sides["jax_bf16"] = lambda: jax_path(bf16)
     keras_bf16 = train_step.keras_model(args.size, "bfloat16")  # Sets the global policy: built last.
     keras_lib.mixed_precision.set_global_policy("float32")
     sides["keras_bf16"] = lambda: keras_bf16.predict(decoded, batch_size=args.global_batch, verbose=0)

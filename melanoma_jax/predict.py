@@ -150,21 +150,12 @@ def run(workdir, images_dir, out, saliency_dir="", metadata="", tta=None, limits
   "onnx": ONNX Runtime on export `exported`'s `onnx_model` ("fp32" or "int8"), no workdir. `dtype` None: the
   run's compute dtype, else "float32" or "bfloat16"."""
   from melanoma_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  cli.check_engine(engine, workdir, exported,
+                   (("--saliency", saliency_dir), ("--metadata", metadata), ("--tta", tta is not None),
+                    ("--require_finished", require_finished), ("--dtype", dtype is not None)),
+                   "takes --exported=DIR (an ONNX export)")
   if engine == "onnx":
-    unused = [f for f, v in (("--workdir", workdir), ("--saliency", saliency_dir), ("--metadata", metadata),
-                             ("--tta", tta is not None), ("--require_finished", require_finished),
-                             ("--dtype", dtype is not None)) if v]
-    if unused or not exported:
-      raise InputError(f"--engine=onnx takes --exported=DIR (an ONNX export), not {', '.join(unused)}" if unused
-                       else "--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
     return _run_onnx(exported, onnx_model, images_dir, out, limits)
-  if engine != "jax":
-    raise InputError(f"--engine={engine}: must be jax or onnx")
-  if exported:
-    raise InputError("--exported is for --engine=onnx")
-  if not workdir:
-    raise InputError("--workdir is required with --engine=jax")
   with workdir_lib.read_lock(workdir):
     return _run(workdir, images_dir, out, saliency_dir, metadata, tta, limits, require_finished, dtype)
 

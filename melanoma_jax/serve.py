@@ -91,20 +91,8 @@ def serve(workdir, host, port, settings, limits=None, tta=None, require_finished
 
 def check_engine(engine, workdir, exported, tta, dtype=None):
   """The engine's flags, refused in one line when they do not fit (the predict command's rules)."""
-  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
-  if engine == "onnx":
-    unused = [f for f, v in (("--workdir", workdir), ("--tta", tta is not None), ("--dtype", dtype is not None)) if v]
-    if unused:
-      raise InputError(f"--engine=onnx serves --exported=DIR (its own TTA), not {', '.join(unused)}")
-    if not exported:
-      raise InputError("--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
-  elif engine == "jax":
-    if exported:
-      raise InputError("--exported is for --engine=onnx")
-    if not workdir:
-      raise InputError("--workdir is required with --engine=jax")
-  else:
-    raise InputError(f"--engine={engine}: must be jax or onnx")
+  cli.check_engine(engine, workdir, exported, (("--tta", tta is not None), ("--dtype", dtype is not None)),
+                   "serves --exported=DIR (its own TTA)")
 
 
 def bind(host, port):

@@ -107,6 +107,8 @@ class TrainedModel:
   say which checkpoint this is.
   """
 
+  engine = "jax"  # Beside inference.onnx_predictor's "onnx": how the model server tells them apart.
+
   def __init__(self, workdir, run, model, variables, checkpoint_step, epoch, unfinished=""):
     self.workdir, self.run, self.model, self.variables = workdir, run, model, variables
     self.checkpoint_step, self.epoch = int(checkpoint_step), int(epoch)

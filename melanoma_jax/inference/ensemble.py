@@ -41,6 +41,7 @@ class EnsemblePredictor:
   members: List[image.TrainedModel]
   fitted: Optional[fitted_lib.FittedEnsemble]
   unfused: str = ""
+  engine = "jax"  # Not a field: what the model server asks of a predictor.
 
   @property
   def image_size(self):

@@ -30,7 +30,7 @@ class OnnxPredictor:
   """Model inputs (float32 [N, S, S, 3] in [-1, 1]) -> probabilities with ONNX Runtime (see the module doc)."""
 
   unfinished = ""
-  engine = "onnx"
+  engine = "onnx"  # What the model server asks of a predictor (`image.TrainedModel.engine`: "jax").
 
   def __init__(self, folder, record, model_file, threads=0):
     self.folder, self.record, self.model_file = folder, record, model_file

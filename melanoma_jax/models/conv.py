@@ -204,8 +204,8 @@ def activation_dtype(dtype, kernels: Kernels):
   `bf16_dots` runs bfloat16 products, else `dtype`. XLA:CPU has no bfloat16 arithmetic, so every
   elementwise op on bfloat16 activations (BatchNorm, ReLU, sums, pooling) converts to float32 and back:
   in InceptionResNetV2's bfloat16 train step such conversions took 28% of the op time and bfloat16 pooling
-  8x float32's; float32 activations with bfloat16 products only ran the step 1.2x faster
-  (docs/performance.md)."""
+  8x float32's; keeping the activations in float32, with bfloat16 operands for the products alone, ran the
+  step about 1.2x faster (docs/performance.md)."""
   return jnp.float32 if kernels.bf16_dots and jnp.dtype(dtype) == jnp.bfloat16 else dtype
 
 

@@ -36,7 +36,7 @@ class ServedModel:
 
   def __init__(self, workdir, predictor, limits=None, max_batch_size=16):
     self.workdir, self.predictor = workdir, predictor
-    self.engine = getattr(predictor, "engine", "jax")
+    self.engine = predictor.engine
     self.ensemble = self.engine == "jax" and loading.kind_of(workdir) == loading.ENSEMBLE
     self.reader = images_lib.Reader(predictor.image_size, limits)
     if self.engine == "onnx":  # ONNX Runtime takes any batch size: nothing to compile.

@@ -48,6 +48,25 @@ def define_dtype_flag():
                     "Compute dtype: the run's (run), or float32 / bfloat16 (parameters stay float32).")
 
 
+def check_engine(engine, workdir, exported, refused_by_onnx, onnx_use):
+  """The one-line refusals of --engine, --workdir and --exported that do not fit together (predict and serve):
+  `refused_by_onnx` [(flag, given)] are the other flags ONNX Runtime cannot honour; `onnx_use` says what
+  --engine=onnx does with its export ("takes --exported=DIR (...)")."""
+  from melanoma_jax.utils.errors import InputError  # pylint: disable=g-import-not-at-top
+  if engine == "onnx":
+    unused = [flag for flag, given in (("--workdir", workdir), *refused_by_onnx) if given]
+    if unused:
+      raise InputError(f"--engine=onnx {onnx_use}, not {', '.join(unused)}")
+    if not exported:
+      raise InputError("--engine=onnx needs --exported=DIR (python -m melanoma_jax.export --format=onnx)")
+  elif engine != "jax":
+    raise InputError(f"--engine={engine}: must be jax or onnx")
+  elif exported:
+    raise InputError("--exported is for --engine=onnx")
+  elif not workdir:
+    raise InputError("--workdir is required with --engine=jax")
+
+
 def define_tta_flag():
   flags.DEFINE_enum("tta", "run", list(TTA_CHOICES),
                     "TTA views: as the run's evaluation (run), or a number of views (config.tta); on = 3, off = 1.")
