@@ -140,10 +140,13 @@ def test_predict_with_onnx_writes_the_preds_csv_of_jax(workdir, exported, tmp_pa
   pd.testing.assert_frame_equal(int8_rows[["image", "error"]], jax_rows[["image", "error"]])
 
 
-def test_the_server_on_onnx_runtime_answers_as_the_jax_path(workdir, exported, trained, tmp_path):
+def test_the_server_on_onnx_runtime_answers_as_the_jax_path(random_started, workdir, exported, trained, tmp_path):
   """`serve --engine=onnx --exported=DIR`: predictions of the JAX path (1e-4), the export's version and operating
   point, patient ranks without ugly-duckling scores, saliency refused; a workdir beside it refused in one line."""
   from melanoma_jax.inference import images as images_lib  # pylint: disable=g-import-not-at-top
+  # The server (JAX, TensorFlow and ONNX Runtime in one process) starts once the random models' conversion has
+  # ended, not beside its memory peak (a fresh clone's suite lost that worker to the OOM killer at 19.7 GB).
+  random_started[0].wait(timeout=600)
   examples = [e for p in sorted(glob.glob(str(workdir / "data" / "test*.tfrec"))) for e in records.read_examples(p)]
   jpegs = [e["image"] for e in examples[:5]]
   b64 = [base64.b64encode(j).decode("ascii") for j in jpegs]
