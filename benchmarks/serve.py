@@ -21,7 +21,7 @@ InceptionResNetV2 + the 512-256-64-16 head, random weights, inference mode, no T
 Every side uses every core (`threads`: XLA, TensorFlow and ONNX Runtime each run that many). ONNX fp32 is
 checked against the JAX path on the timed batch (`onnx_fp32_max_abs_diff_vs_jax`, within 1e-4 to count as
 correct); int8's difference is reported, not required. `batch1_latency_ms`: the median time of one image
-per call, the sides taking turns (the JAX path pads each call to its global batch, as the predict command does).
+per call, the sides taking turns (the JAX path pads it to one image per local device, as the server does).
 All run in this process; after each has run once (compilation, reported apart), they take turns
 (`--rounds` x `--steps` batches each), so they see the same machine load.
 
@@ -109,7 +109,8 @@ def contenders(args, jpegs, workdir):
     keras_bf16 = train_step.keras_model(args.size, "bfloat16")  # Sets the global policy: built last.
     keras_lib.mixed_precision.set_global_policy("float32")
     sides["keras_bf16"] = lambda: keras_bf16.predict(decoded, batch_size=args.global_batch, verbose=0)
-  batch1 = {"jax": lambda: predictor.score(decoded[:1]).probabilities,
+  # The JAX side at its smallest compiled size (one image per local device), as the server pads a lone image.
+  batch1 = {"jax": lambda: predictor.score(decoded[:1], batch=common.jax.local_device_count()).probabilities,
             "saved_model": lambda: serve(image_bytes=batch[:1])["probability"].numpy(),
             "keras": lambda: keras.predict(decoded[:1], batch_size=1, verbose=0),
             "onnx_fp32": lambda: onnx_export.probabilities(fp32_session, decoded[:1])}

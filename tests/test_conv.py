@@ -152,6 +152,53 @@ def test_bfloat16_im2col_dots_equal_the_bfloat16_convolution(shape, kernel, stri
     assert float(np.abs(got - want).max()) <= 3e-2 * max(float(np.abs(want).max()), 1.0)
 
 
+@pytest.mark.parametrize("shape, kernel, strides, padding", [CASES[i] for i in (0, 6)] + [((2, 5, 5, 7), (1, 1), (1, 1), "VALID")])
+def test_mixed_products_return_their_float32_accumulations(shape, kernel, strides, padding):
+  """Mixed precision (float32 activations, bfloat16 products): with float32 in, `im2col_dot_conv` and
+  `pointwise(..., bfloat16)` give float32 out and float32 gradients, equal to float32 arithmetic on the
+  bfloat16-rounded operands (the accumulations are not rounded to bfloat16), and within bfloat16 rounding
+  of the plain float32 convolution's gradients."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel + (shape[-1], 6)) / np.sqrt(np.prod(kernel) * shape[-1]), jnp.float32)
+  rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  if kernel == (1, 1):
+    mixed = lambda a, b, s, p: conv.pointwise(a, b[0, 0], jnp.bfloat16)
+  else:
+    mixed = conv.im2col_dot_conv
+  y = mixed(x, w, strides, padding)
+  want = conv._conv(rounded(x), rounded(w), strides, padding)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)  # bfloat16 rounding of y would be ~4e-3.
+  assert float(np.abs(np.asarray(y) - np.asarray(want.astype(jnp.bfloat16), np.float32)).max()) > 1e-4
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b, strides, padding)))
+  got = jax.grad(loss(mixed), argnums=(0, 1))(x, w)
+  ref = jax.grad(loss(conv._conv), argnums=(0, 1))(x, w)
+  for g, r in zip(got, ref):
+    assert g.dtype == jnp.float32 and g.shape == r.shape
+    assert float(np.abs(np.asarray(g) - np.asarray(r)).max()) <= 2e-2 * max(float(np.abs(r).max()), 1.0)
+
+
+def test_mixed_modules_take_float32_in_and_give_float32_out():
+  """`SpatialConv` and `PointwiseConv` computed in bfloat16 with a float32 `output_dtype` and `bf16_dots`
+  run their products on float32 inputs (no bfloat16 activations in the program), equal to the same modules
+  without the units (bfloat16 in, rounded out) within bfloat16 rounding."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 9, 64)), jnp.float32)
+  on = dataclasses.replace(CPU, bf16_dots=True)
+  off = dataclasses.replace(CPU, bf16_dots=False)
+  for make in (lambda k: conv.SpatialConv(8, (3, 3), kernels=k, dtype=jnp.bfloat16, output_dtype=jnp.float32),
+               lambda k: conv.PointwiseConv(8, use_bias=True, kernels=k, dtype=jnp.bfloat16,
+                                            output_dtype=jnp.float32)):
+    variables = make(on).init(jax.random.PRNGKey(0), x)
+    y_on, y_off = make(on).apply(variables, x), make(off).apply(variables, x)
+    assert y_on.dtype == y_off.dtype == jnp.float32
+    np.testing.assert_allclose(y_on, y_off, rtol=2e-2, atol=2e-2)
+    program = str(jax.make_jaxpr(lambda v: make(on).apply(v, x))(variables))
+    assert "dot_general" in program and "preferred_element_type=float32" in program
+    # The only bfloat16 values are the products' operands: converted right before the dot.
+    assert "bf16[2,9,9,8]" not in program
+
+
 def test_bfloat16_dots_only_where_the_cpu_has_the_units_and_only_for_bfloat16(tmp_path):
   without, amx = tmp_path / "plain", tmp_path / "amx"
   without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")

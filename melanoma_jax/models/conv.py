@@ -16,7 +16,9 @@ program XLA sees:
   forward convolution's speed on the stem convolutions. The input gradient is XLA's own.
 * `bf16_dots`: with a bfloat16 compute dtype, `SpatialConv` is `im2col_dot_conv`, forward and gradients as
   bfloat16 matrix products accumulated in float32: XLA:CPU runs dots, not convolutions, on the AMX and
-  AVX512-BF16 units. `kernels.resolve` turns it on only on CPUs that have them.
+  AVX512-BF16 units. `kernels.resolve` turns it on only on CPUs that have them. A network whose activations
+  stay float32 (`activation_dtype`) gives both modules a float32 `output_dtype`; they then take float32 in,
+  give bfloat16 operands to the products alone and return the float32 accumulations (`mixed_products`).
 
 Found with jax.profiler traces of the 299x299 batch-8 training step; what each flag is worth to the whole
 step is measured by benchmarks/cpu_kernels.py (figures in docs/performance.md).
@@ -132,9 +134,23 @@ class SpatialConv(nn.Module):
   def __call__(self, x):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
+    kernels = resolve(self.kernels)
+    if mixed_products(self.dtype, self.output_dtype, kernels) and x.shape[-1] >= BF16_DOTS_MIN_CHANNELS:
+      x, kernel = promote_dtype(x, kernel, dtype=self.output_dtype)
+      return im2col_dot_conv(x, kernel, tuple(self.strides), self.padding)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-    y = spatial(x, kernel, self.strides, self.padding, resolve(self.kernels))
+    y = spatial(x, kernel, self.strides, self.padding, kernels)
     return y if self.output_dtype is None else y.astype(self.output_dtype)
+
+
+def mixed_products(dtype, output_dtype, kernels: Kernels) -> bool:
+  """Whether a convolution computed in `dtype` and returned in `output_dtype` takes float32 in and gives
+  float32 out with bfloat16 matrix products inside: `bf16_dots` with a bfloat16 `dtype` and float32
+  activations (`activation_dtype`). Its products then return their float32 accumulations, and its
+  gradients come back in float32, instead of each being rounded to bfloat16 and widened back, a conversion
+  pair per product and gradient that XLA:CPU runs as a pass of its own."""
+  return (kernels.bf16_dots and jnp.dtype(dtype) == jnp.bfloat16 and output_dtype is not None
+          and jnp.dtype(output_dtype) == jnp.float32)
 
 
 # Per layer of InceptionResNetV2 at 299 (benchmarks/bf16_convs.py), the matrix products won from 64 input
@@ -155,44 +171,53 @@ def spatial(x, kernel, strides, padding, kernels: Kernels):
 
 def _im2col_forward(x, kernel, strides, padding):
   """An NHWC x HWIO convolution as im2col columns times the kernel, one bfloat16 matrix product accumulated
-  in float32."""
+  in float32, returned in `x`'s dtype."""
   kh, kw, cin, cout = kernel.shape
   pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
-  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  xp = jnp.pad(x.astype(jnp.bfloat16), ((0, 0), pads[0], pads[1], (0, 0)))
   ho = (xp.shape[1] - kh) // strides[0] + 1
   wo = (xp.shape[2] - kw) // strides[1] + 1
   columns = _columns(xp, kh, kw, ho, wo, strides)
-  y = lax.dot_general(columns, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
-                      preferred_element_type=jnp.float32)
+  y = lax.dot_general(columns, kernel.astype(jnp.bfloat16).reshape(kh * kw * cin, cout),
+                      (((3,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def im2col_dot_conv(x, kernel, strides: Tuple[int, int], padding: Padding):
-  """A bfloat16 NHWC x HWIO convolution whose forward and gradients are matrix products (bfloat16 inputs,
-  float32 accumulation), the shape XLA:CPU sends to the AMX / AVX512-BF16 units, which its bfloat16
+  """An NHWC x HWIO convolution whose forward and gradients are matrix products with bfloat16 operands and
+  float32 accumulation, the shape XLA:CPU sends to the AMX / AVX512-BF16 units, which its bfloat16
   convolutions do not reach: the forward is im2col columns x kernel, the input gradient dy x kernel^T
   scattered back onto the input (col2im: the transpose of the column gather), the kernel gradient
-  columns^T x dy (`im2col_kernel_grad`)."""
+  columns^T x dy (`im2col_kernel_grad`).
+
+  `x` and `kernel` share one dtype, which the output and gradients come in: bfloat16 gives the plain
+  bfloat16 path's values; float32 (mixed precision: `SpatialConv` with a float32 `output_dtype`) keeps the
+  float32 accumulations as they are instead of rounding them to bfloat16 and widening them back."""
+  if x.dtype != kernel.dtype:
+    raise TypeError(f"im2col_dot_conv: x is {x.dtype} but kernel is {kernel.dtype}")
   return _im2col_forward(x, kernel, strides, padding)
 
 
 def _im2col_dot_fwd(x, kernel, strides, padding):
-  return _im2col_forward(x, kernel, strides, padding), (x, kernel)
+  # The bfloat16 operands are what the gradients multiply, so they are what is kept (half the bytes).
+  return _im2col_forward(x, kernel, strides, padding), (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
 
 
 def _im2col_dot_bwd(strides, padding, residuals, dy):
-  x, kernel = residuals
+  x, kernel = residuals  # bfloat16; the output, so `dy`, came in the caller's dtype.
+  dtype = dy.dtype
   kh, kw, cin, cout = kernel.shape
   pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides)
   padded_shape = (x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1]), cin)
   _, ho, wo, _ = dy.shape
+  dy = dy.astype(jnp.bfloat16)
   d_columns = lax.dot_general(dy, kernel.reshape(kh * kw * cin, cout), (((3,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32).astype(x.dtype)
+                              preferred_element_type=jnp.float32).astype(dtype)
   gather = lambda xp: _columns(xp, kh, kw, ho, wo, strides)
-  (d_xp,) = jax.linear_transpose(gather, jax.ShapeDtypeStruct(padded_shape, x.dtype))(d_columns)
+  (d_xp,) = jax.linear_transpose(gather, jax.ShapeDtypeStruct(padded_shape, dtype))(d_columns)
   dx = d_xp[:, pads[0][0]:pads[0][0] + x.shape[1], pads[1][0]:pads[1][0] + x.shape[2]]
-  d_kernel = im2col_kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
+  d_kernel = im2col_kernel_grad(x, dy, kernel.shape, strides, padding).astype(dtype)
   return dx, d_kernel
 
 
@@ -224,8 +249,13 @@ class PointwiseConv(nn.Module):
     kernel = self.param("kernel", KERNEL_INIT, (1, 1, x.shape[-1], self.features), self.param_dtype)
     bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
             if self.use_bias else None)
+    kernels = resolve(self.kernels)
+    if mixed_products(self.dtype, self.output_dtype, kernels) and kernels.pointwise_grad:
+      x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.output_dtype)
+      y = pointwise(x, kernel[0, 0], jnp.bfloat16)
+      return y + bias if bias is not None else y
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv1x1(x, kernel, resolve(self.kernels))
+    y = conv1x1(x, kernel, kernels)
     y = y + bias if bias is not None else y
     return y if self.output_dtype is None else y.astype(self.output_dtype)
 
@@ -235,33 +265,47 @@ def conv1x1(x, kernel, kernels: Kernels):
   `pointwise_dot` (its kernel gradient x^T dy with `pointwise_grad`), else XLA's convolution."""
   if not kernels.pointwise_dot:
     return _conv(x, kernel, (1, 1), "VALID")
-  return (pointwise if kernels.pointwise_grad else _pointwise)(x, kernel[0, 0])
+  if kernels.pointwise_grad:
+    return pointwise(x, kernel[0, 0], None)
+  return _pointwise(x, kernel[0, 0], None)
 
 
-@jax.custom_vjp
-def pointwise(x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pointwise(x, kernel, operand_dtype):
   """[..., cin] x [cin, cout] -> [..., cout], with the kernel gradient as x^T dy.
 
   JAX's own gradient computes (dy^T x)^T, for which XLA:CPU transposes dy first; x^T dy runs 1.2 to 2
-  times faster, whichever of x and dy has more channels.
+  times faster, whichever of x and dy has more channels. With an `operand_dtype` (bfloat16), every product
+  takes its operands in that dtype and accumulates in float32; output and gradients come in `x`'s dtype.
   """
-  return _pointwise(x, kernel)
+  return _pointwise(x, kernel, operand_dtype)
 
 
-def _pointwise(x, kernel):
-  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+def _dot(a, b, dims, operand_dtype, dtype):
+  if operand_dtype is None:
+    return lax.dot_general(a, b, (dims, ((), ())))
+  return lax.dot_general(a.astype(operand_dtype), b.astype(operand_dtype), (dims, ((), ())),
+                         preferred_element_type=jnp.float32).astype(dtype)
 
 
-def _pointwise_fwd(x, kernel):
-  return _pointwise(x, kernel), (x, kernel)
+def _pointwise(x, kernel, operand_dtype):
+  return _dot(x, kernel, ((x.ndim - 1,), (0,)), operand_dtype, x.dtype)
 
 
-def _pointwise_bwd(residuals, dy):
+def _pointwise_fwd(x, kernel, operand_dtype):
+  if operand_dtype is not None:  # What the gradients multiply, in half the bytes.
+    return _pointwise(x, kernel, operand_dtype), (x.astype(operand_dtype), kernel.astype(operand_dtype))
+  return _pointwise(x, kernel, operand_dtype), (x, kernel)
+
+
+def _pointwise_bwd(operand_dtype, residuals, dy):
   x, kernel = residuals
-  dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  dtype = dy.dtype  # The output's, which is x's and kernel's.
+  dx = _dot(dy, kernel, ((dy.ndim - 1,), (1,)), operand_dtype, dtype)
   lead = tuple(range(x.ndim - 1))
+  dy = dy if operand_dtype is None else dy.astype(operand_dtype)
   dkernel = lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-  return dx, dkernel.astype(kernel.dtype)
+  return dx, dkernel.astype(dtype if operand_dtype is not None else kernel.dtype)
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
