@@ -107,3 +107,19 @@ def test_another_config_is_refused_before_the_data_is_read(tmp_path):
   other.synthetic.num_patients = 7
   with pytest.raises(InputError, match=r"another config or data \(synthetic\.num_patients \d+ -> 7\)"):
     identity.check_config(str(workdir), other)
+
+
+def test_only_a_workdir_with_checkpoint_steps_is_called_an_older_run(tmp_path, caplog):
+  """The checkpoint manager makes an empty checkpoints/ before the record is written: a fresh run is not
+  warned about as a run "made before runs were recorded"; one with saved steps is."""
+  paths = _data(tmp_path)
+  for name, steps in (("fresh", []), ("older", ["2"])):
+    workdir = tmp_path / name
+    (workdir / "checkpoints").mkdir(parents=True)
+    for step in steps:
+      (workdir / "checkpoints" / step).mkdir()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      identity.check_or_record(str(workdir), _identity(paths, workdir))
+    assert ("made before runs were recorded" in caplog.text) == bool(steps), (name, caplog.text)
+    assert (workdir / identity.RECORD).exists()

@@ -147,7 +147,9 @@ def _check_or_record(workdir, path, identity, record):
   if not os.path.exists(path):
     if not record:
       return
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # The checkpoint manager creates the directory before this check: only steps in it are an older run's.
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
       logging.warning("%s has checkpoints but no %s (made before runs were recorded); recording this run's "
                       "config as its identity", workdir, RECORD)
     with files.atomic_path(path) as tmp, open(tmp, "w") as f:
