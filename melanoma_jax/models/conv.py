@@ -135,7 +135,8 @@ class SpatialConv(nn.Module):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
     kernels = resolve(self.kernels)
-    if mixed_products(self.dtype, self.output_dtype, kernels) and x.shape[-1] >= BF16_DOTS_MIN_CHANNELS:
+    if (mixed_products(self.dtype, self.output_dtype, kernels)
+        and takes_products(x.shape[-1], self.dtype, self.dtype, kernels)):
       x, kernel = promote_dtype(x, kernel, dtype=self.output_dtype)
       return im2col_dot_conv(x, kernel, tuple(self.strides), self.padding)
     x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
@@ -163,10 +164,16 @@ def spatial(x, kernel, strides, padding, kernels: Kernels):
   """The convolution `SpatialConv` computes: `im2col_dot_conv` for bfloat16 with `bf16_dots` (from
   BF16_DOTS_MIN_CHANNELS input channels), `conv2d` with `im2col_grad`, else XLA's own convolution and
   gradient."""
-  if (kernels.bf16_dots and x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
-      and x.shape[-1] >= BF16_DOTS_MIN_CHANNELS):
+  if takes_products(x.shape[-1], x.dtype, kernel.dtype, kernels):
     return im2col_dot_conv(x, kernel, tuple(strides), padding)
   return (conv2d if kernels.im2col_grad else _conv)(x, kernel, tuple(strides), padding)
+
+
+def takes_products(channels, x_dtype, kernel_dtype, kernels: Kernels) -> bool:
+  """Whether a spatial convolution of `channels` input channels, computed on `x_dtype` and `kernel_dtype`
+  operands, runs as `im2col_dot_conv`: `bf16_dots`, bfloat16 both, from BF16_DOTS_MIN_CHANNELS channels."""
+  return (kernels.bf16_dots and jnp.dtype(x_dtype) == jnp.bfloat16 and jnp.dtype(kernel_dtype) == jnp.bfloat16
+          and channels >= BF16_DOTS_MIN_CHANNELS)
 
 
 def _im2col_forward(x, kernel, strides, padding):
@@ -293,9 +300,9 @@ def _pointwise(x, kernel, operand_dtype):
 
 
 def _pointwise_fwd(x, kernel, operand_dtype):
-  if operand_dtype is not None:  # What the gradients multiply, in half the bytes.
-    return _pointwise(x, kernel, operand_dtype), (x.astype(operand_dtype), kernel.astype(operand_dtype))
-  return _pointwise(x, kernel, operand_dtype), (x, kernel)
+  # With an operand dtype, what the gradients multiply is kept: half the bytes.
+  residuals = (x, kernel) if operand_dtype is None else (x.astype(operand_dtype), kernel.astype(operand_dtype))
+  return _pointwise(x, kernel, operand_dtype), residuals
 
 
 def _pointwise_bwd(operand_dtype, residuals, dy):
